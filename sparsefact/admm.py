@@ -1,0 +1,198 @@
+"""ADMM solvers for sparse and masked least squares, written once against the engine API.
+
+The two routines are the inner solvers of Double Sparse Factorization (Boža & Macko,
+"Two Sparse Matrices are Better than One", arXiv 2409.18850) and of ADMM layer-wise
+pruning (Boža, "Fast and Effective Weight Update for Pruned Large Language Models",
+arXiv 2401.02938). Notation follows ``docs/algorithm.md``: the fixed factor ``F`` enters
+only through its Gram ``F^T F`` and the cross term ``F^T T``; the unknown ``Y`` is
+``k x P`` and every x-step is ``Y = (G + rho I)^-1 (C + rho (Z - U))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NORM_EPS = 1e-8
+
+
+@dataclass
+class SolverCounters:
+    """Work done by the solvers, for the benchmark's FLOP count and phase split."""
+
+    gemm_flops: float = 0.0
+    inverse_flops: float = 0.0
+    selections: int = 0
+    elementwise_entries: float = 0.0
+
+    def add_matmul(self, a_shape: tuple[int, int], b_cols: int) -> None:
+        self.gemm_flops += 2.0 * a_shape[0] * a_shape[1] * b_cols
+
+
+def _normalised_system(engine: Any, gram: Any, scale: Any) -> Any:
+    """``diag(scale)^-1 gram diag(scale)^-1``."""
+    return (gram / scale[:, None]) / scale[None, :]
+
+
+def sparse_least_squares(
+    engine: Any,
+    gram: Any,
+    cross: Any,
+    norms: Any,
+    z_prev: Any,
+    u_prev: Any,
+    *,
+    threshold_index: int,
+    rho0: float,
+    rho: float = 1.0,
+    ridge: float = 0.01,
+    n_iter: int = 5,
+    mask_iter: int = 2,
+    scope: str = "global",
+    counters: SolverCounters | None = None,
+) -> tuple[Any, Any]:
+    """Sparse least squares ``min_Y ||T - F Y||^2 s.t. ||Y||_0 <= budget`` by ADMM.
+
+    One call is one sub-problem of the DSF alternation (reference/dsf.md §2.2):
+
+    1. normalise the columns of ``F`` (``c = ||F[:, j]|| + 1e-8``) and work with
+       ``Y~ = diag(c) Y``, so the mask is chosen on ``|Y_ij| * ||F[:, i]||``;
+    2. ridge ``0.01 * mean(diag(F~^T F~))``;
+    3. rescale the carried state ``Z, U`` into the new coordinates and take one
+       warm-start x-step with penalty ``rho0``;
+    4. ``n_iter`` ADMM steps (z, u, x), refreshing the mask only in the first
+       ``mask_iter``; the final x-step, whose result would be discarded, is skipped.
+
+    Parameters
+    ----------
+    engine : ArrayAPIEngine
+        Kernels to run on.
+    gram : array, shape (k, k)
+        ``F^T F`` of the fixed factor.
+    cross : array, shape (k, P)
+        ``F^T T``.
+    norms : array, shape (k,)
+        Column norms of ``F``, computed directly from ``F``.
+    z_prev, u_prev : array, shape (k, P)
+        Sparse iterate and scaled dual carried from the previous call (original
+        coordinates).
+    threshold_index : int
+        0-based position of the threshold in ``sort(|Y~ + U|)`` (global scope), or in
+        every column's sort (column scope); entries strictly above it are kept. See
+        :func:`sparsefact.masks.strict_threshold_index`.
+    rho0 : float
+        Warm-start penalty of the first x-step (0 gives a pure ridge solve).
+    rho, ridge, n_iter, mask_iter : float, float, int, int
+        ADMM penalty, relative ridge, inner iterations, iterations that refresh the
+        mask.
+    scope : {"global", "column"}
+        One threshold over the whole unknown, or one per column.
+    counters : SolverCounters, optional
+        Receives the work done.
+
+    Returns
+    -------
+    z, u : arrays, shape (k, P)
+        The sparse solution and the scaled dual, in original coordinates.
+    """
+    if mask_iter < 1:
+        raise ValueError("mask_iter must be >= 1 when no mask is given")
+    scale = norms + NORM_EPS
+    system = _normalised_system(engine, gram, scale)
+    ridge_value = ridge * float(engine.xp.mean(engine.diag(system)))
+    cross_n = engine.unscale_rows(cross, scale)
+    u, rhs = engine.warm_start(cross_n, z_prev, u_prev, scale, rho0)
+    inverse = engine.spd_inverse(system, ridge_value + rho)
+    inverse0 = inverse if rho0 == rho else engine.spd_inverse(system, ridge_value + rho0)
+    y = engine.matmul(inverse0, rhs)
+    k, width = cross.shape
+    if counters is not None:
+        counters.inverse_flops += float(k) ** 3 * (1 if rho0 == rho else 2)
+        counters.add_matmul((k, k), width)
+        counters.elementwise_entries += 3.0 * k * width
+    mask = None
+    for i in range(n_iter):
+        last = i == n_iter - 1
+        if i < mask_iter:
+            v = engine.add(y, u)
+            if scope == "global":
+                tau = engine.kth_smallest_abs(v, threshold_index)
+            else:
+                tau = engine.column_kth_smallest_abs(v, threshold_index)
+            mask, u, out = engine.admm_update(v, u, cross_n, mask, rho, last, tau, True)
+            if counters is not None:
+                counters.selections += 1
+                counters.elementwise_entries += k * width
+        else:
+            mask, u, out = engine.admm_update(y, u, cross_n, mask, rho, last)
+        if counters is not None:
+            counters.elementwise_entries += k * width
+        if not last:
+            y = engine.matmul(inverse, out)
+            if counters is not None:
+                counters.add_matmul((k, k), width)
+    z = engine.unscale_rows(out, scale)
+    u = engine.unscale_rows(u, scale)
+    return z, u
+
+
+def masked_least_squares(
+    engine: Any,
+    gram: Any,
+    cross: Any,
+    start: Any,
+    mask: Any,
+    *,
+    n_iter: int = 20,
+    rho: float = 1.0,
+    counters: SolverCounters | None = None,
+) -> Any:
+    """Least squares on a fixed support ``min_Y tr(Y^T G Y) - 2 tr(Y^T C)``, ``Y = 0`` off ``mask``.
+
+    ADMM with a warm start (reference/dsf.md §2.5): normalise by ``g = sqrt(diag G) +
+    1e-8``, ``Y = diag(g) start``, ``U = 0``, ``P = (G~ + rho I)^-1``, then ``n_iter``
+    steps ``Z = (Y + U) * mask; U += Y - Z; Y = P (C~ + rho (Z - U))`` (the last x-step
+    is skipped, its result would be discarded). No damping is added to ``G``.
+
+    Parameters
+    ----------
+    engine : ArrayAPIEngine
+    gram : array, shape (k, k)
+        Gram of the fixed side (for DSF finalisation ``R H R^T``).
+    cross : array, shape (k, P)
+        Cross term (for DSF finalisation ``R H W^T``).
+    start : array, shape (k, P)
+        Current values (warm start); its values off ``mask`` are ignored.
+    mask : bool array, shape (k, P)
+        The support to keep.
+    n_iter, rho : int, float
+        ADMM iterations and penalty.
+    counters : SolverCounters, optional
+
+    Returns
+    -------
+    array, shape (k, P)
+        The re-fitted values, zero off ``mask``.
+    """
+    if n_iter < 1:
+        raise ValueError("n_iter must be >= 1")
+    xp = engine.xp
+    scale = xp.sqrt(engine.diag(gram)) + NORM_EPS
+    system = _normalised_system(engine, gram, scale)
+    cross_n = engine.unscale_rows(cross, scale)
+    y = engine.scale_rows(start, scale)
+    u = engine.zeros(y.shape, y)
+    inverse = engine.spd_inverse(system, rho)
+    k, width = cross.shape
+    if counters is not None:
+        counters.inverse_flops += float(k) ** 3
+    for i in range(n_iter):
+        last = i == n_iter - 1
+        mask, u, out = engine.admm_update(y, u, cross_n, mask, rho, last)
+        if counters is not None:
+            counters.elementwise_entries += k * width
+        if not last:
+            y = engine.matmul(inverse, out)
+            if counters is not None:
+                counters.add_matmul((k, k), width)
+    return engine.unscale_rows(out, scale)

@@ -1,0 +1,131 @@
+"""Calibration data for layer-wise compression, kept as the Gram ``G = X^T X``.
+
+The calibrated objective of every compressor is ``tr((W - W_hat) G (W - W_hat)^T)``
+(design.md §1), so activations ``X`` of shape ``(n_tokens, n_features)`` enter only
+through their Gram. :class:`Calibration` accumulates it in float64 from batches (a
+stream of activations), or wraps a precomputed Gram.
+
+It is deliberately not array-like (no ``shape``, ``__len__`` or ``__array__``):
+scikit-learn's cross-validation slices array-like fit parameters whose first dimension
+equals the number of samples, which would silently corrupt a square Gram.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._validation import check_matrix
+
+
+class Calibration:
+    """Streaming Gram accumulator of calibration activations.
+
+    Parameters
+    ----------
+    n_features : int, optional
+        Number of input features; inferred from the first batch when omitted.
+
+    Attributes
+    ----------
+    n_features : int or None
+    n_samples : int
+        Number of activation rows (tokens) accumulated.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparsefact import Calibration
+    >>> cal = Calibration()
+    >>> cal.add_batch(np.ones((4, 3)))
+    Calibration(n_features=3, n_samples=4)
+    >>> cal.gram()[0, 0]
+    4.0
+    """
+
+    def __init__(self, n_features: int | None = None) -> None:
+        if n_features is not None and (not isinstance(n_features, int | np.integer) or n_features < 1):
+            raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
+        self.n_features = None if n_features is None else int(n_features)
+        self.n_samples = 0
+        self._gram: Any = None
+        self._xp: Any = None
+
+    def __repr__(self) -> str:
+        return f"Calibration(n_features={self.n_features}, n_samples={self.n_samples})"
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_activations(cls, X: Any) -> Calibration:
+        """Calibration from activations of shape ``(n_tokens, n_features)`` (or ``(..., n_features)``)."""
+        return cls().add_batch(X, name="X")
+
+    @classmethod
+    def from_gram(cls, gram: Any, n_samples: int | None = None) -> Calibration:
+        """Wrap a precomputed Gram ``X^T X`` of shape ``(n_features, n_features)``.
+
+        Raises
+        ------
+        ValueError
+            If ``gram`` is not square, not symmetric (relative tolerance 1e-5), has a
+            negative diagonal entry, or contains NaN/inf.
+        """
+        checked, xp = check_matrix(gram, "gram")
+        n, n2 = checked.shape
+        if n != n2:
+            raise ValueError(f"gram must be square (n_features x n_features), got shape {(n, n2)}")
+        scale = float(xp.max(xp.abs(checked))) or 1.0
+        if float(xp.max(xp.abs(checked - checked.T))) > 1e-5 * scale:
+            raise ValueError("gram must be symmetric (a Gram matrix X^T X)")
+        if float(xp.min(xp.linalg.diagonal(checked))) < 0:
+            raise ValueError("gram has a negative diagonal entry: it is not a Gram matrix X^T X")
+        cal = cls(n)
+        cal._gram = xp.astype(checked, xp.float64)
+        cal._xp = xp
+        cal.n_samples = int(n_samples) if n_samples is not None else 0
+        return cal
+
+    # ------------------------------------------------------------------ streaming
+    def add_batch(self, X: Any, *, name: str = "X") -> Calibration:
+        """Add activations ``X`` of shape ``(..., n_features)`` to the Gram (float64).
+
+        Returns ``self`` so calls can be chained.
+        """
+        xp_probe = getattr(X, "ndim", None)
+        if xp_probe is not None and X.ndim > 2:
+            X = X.reshape(-1, X.shape[-1])
+        checked, xp = check_matrix(X, name)
+        if self.n_features is None:
+            self.n_features = int(checked.shape[1])
+        elif checked.shape[1] != self.n_features:
+            raise ValueError(
+                f"{name} has {checked.shape[1]} features (columns), but this calibration "
+                f"has {self.n_features}"
+            )
+        x64 = xp.astype(checked, xp.float64)
+        contribution = xp.matmul(x64.T, x64)
+        if self._gram is None:
+            self._gram, self._xp = contribution, xp
+        else:
+            self._gram = self._gram + contribution
+        self.n_samples += int(checked.shape[0])
+        return self
+
+    # ------------------------------------------------------------------ access
+    def gram(self) -> Any:
+        """The accumulated Gram ``X^T X`` (float64, in the namespace of the data).
+
+        Raises
+        ------
+        ValueError
+            If nothing has been accumulated yet.
+        """
+        if self._gram is None:
+            raise ValueError("this Calibration is empty: call add_batch() first")
+        return self._gram
+
+    def diag(self) -> Any:
+        """The diagonal of the Gram (squared input norms per feature)."""
+        xp = self._xp
+        return xp.linalg.diagonal(self.gram())

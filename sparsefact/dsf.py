@@ -1,0 +1,392 @@
+"""Double Sparse Factorization: the alternating minimisation behind the estimator.
+
+Implements the algorithm of Boža & Macko, "Two Sparse Matrices are Better than One:
+Sparsifying Neural Networks with Double Sparse Factorization" (arXiv 2409.18850,
+ICLR 2025), as specified in ``docs/algorithm.md`` (reconstructed from the authors'
+public code): input scaling by ``sqrt(diag G)``, the orientation rule, alternating
+ADMM sparse least squares with warm-started state and a cubic warm-start ramp, and
+finalisation of the output-side factor against the full calibration Gram.
+
+:func:`double_sparse_factorization` is the functional core (arrays in, arrays out, in
+the input's namespace); :class:`sparsefact.DoubleSparseFactorization` wraps it in the
+scikit-learn API.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .admm import NORM_EPS, SolverCounters, masked_least_squares, sparse_least_squares
+from .masks import DENSITY_FLOOR, strict_kept_count, strict_threshold_index
+from .metrics import relative_error
+
+SQUARE_SPLIT = 0.16
+RECTANGULAR_SPLIT = 0.25
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a density budget is shared between the two factors (reference/dsf.md §1d).
+
+    Attributes
+    ----------
+    k, P : int
+        Inner dimension ``min(m, n)`` and the other dimension ``max(m, n)``.
+    transposed : bool
+        True when ``m >= n`` (the square factor then sits on the input side).
+    split : float
+        Density of the square ``k x k`` factor.
+    budget_square, budget_other : int
+        ``floor(split k^2)`` and ``floor(density m n - budget_square)``.
+    index_square, index_other, index_init : int
+        Threshold positions of the strict selection rule for the square factor, the
+        other factor, and the half-budget initial prune of the other factor.
+    max_nnz : int
+        Upper bound of ``nnz(A) + nnz(B)`` under the rule; never above ``density m n``.
+    """
+
+    m: int
+    n: int
+    k: int
+    P: int
+    transposed: bool
+    density: float
+    split: float
+    budget_square: int
+    budget_other: int
+    index_square: int
+    index_other: int
+    index_init: int
+    max_nnz: int
+
+
+def resolve_split(split: float | str, m: int, n: int) -> float:
+    """The square factor's density: 0.16 for square ``W``, 0.25 otherwise, or ``split``."""
+    if isinstance(split, str):
+        if split != "auto":
+            raise ValueError(f"split must be 'auto' or a float in (0, 1], got {split!r}")
+        return SQUARE_SPLIT if m == n else RECTANGULAR_SPLIT
+    return float(split)
+
+
+def minimum_density(m: int, n: int, split: float) -> float:
+    """Smallest density the strict rule can honour for an ``m x n`` matrix and ``split``."""
+    k, P = min(m, n), max(m, n)
+    budget_square = math.floor(k * k * split)
+    floor_other = math.ceil(DENSITY_FLOOR * k * P) + 1
+    return (budget_square + floor_other) / (m * n)
+
+
+def plan_budgets(m: int, n: int, density: float, split: float | str = "auto") -> BudgetPlan:
+    """Share ``density * m * n`` nonzeros between the factors, or explain why not.
+
+    Raises
+    ------
+    ValueError
+        When the square factor would keep no entry, or when the other factor's 1%
+        density floor would push ``nnz(A) + nnz(B)`` over the budget. The message
+        states the minimum density (or split) for the shape.
+    """
+    split_value = resolve_split(split, m, n)
+    k, P = min(m, n), max(m, n)
+    transposed = m >= n
+    total = density * m * n  # double precision, as the reference code
+    budget_square = math.floor(k * k * split_value)
+    budget_other = math.floor(total - budget_square)
+    keep_square = strict_kept_count(budget_square, k * k)
+    if keep_square < 1:
+        need = (k * k + 1) / (k * k)
+        raise ValueError(
+            f"split={split_value:g} leaves the {k}x{k} square factor of a {m}x{n} matrix "
+            f"with no nonzero (the selection rule keeps floor(split*k^2) - 1 or "
+            f"floor(split*k^2) = {budget_square} entries); "
+            + (
+                f"use split >= {min(need * 2 / k / k, 1.0):.3g}"
+                if k >= 2
+                else "a matrix with 1 sample or 1 feature(s) cannot be factorised: "
+                "the inner dimension min(m, n) must be at least 2"
+            )
+        )
+    if budget_other < 1 or keep_square + strict_kept_count(budget_other, k * P) > math.floor(total):
+        raise ValueError(
+            f"density={density:g} is too small for a {m}x{n} matrix with split="
+            f"{split_value:g}: the square factor takes {budget_square} nonzeros and the other "
+            f"factor keeps at least {DENSITY_FLOOR:.0%} of its {k * P} entries; the minimum "
+            f"density is {minimum_density(m, n, split_value):.4f}"
+        )
+    keep_other = strict_kept_count(budget_other, k * P)
+    return BudgetPlan(
+        m=m,
+        n=n,
+        k=k,
+        P=P,
+        transposed=transposed,
+        density=float(density),
+        split=split_value,
+        budget_square=budget_square,
+        budget_other=budget_other,
+        index_square=strict_threshold_index(budget_square, k * k),
+        index_other=strict_threshold_index(budget_other, k * P),
+        index_init=strict_threshold_index(budget_other / 2, k * P, floor=0.0),
+        max_nnz=keep_square + keep_other,
+    )
+
+
+def warm_start_weight(t: int, max_iter: int) -> float:
+    """Cubic ramp ``min(1, t / (max_iter - 3))^3`` of the warm-start penalty ``rho0``.
+
+    For ``max_iter <= 3`` the ramp is empty and ``rho0 = 1`` from the start.
+    """
+    ramp = max_iter - 3
+    if ramp <= 0:
+        return 1.0
+    return min(1.0, t / ramp) ** 3
+
+
+@dataclass
+class FactorizationResult:
+    """What :func:`double_sparse_factorization` returns.
+
+    Attributes
+    ----------
+    left : array, shape (m, k)
+        Output-side factor ``A`` (``W ~ left @ right``).
+    right : array, shape (k, n)
+        Input-side factor ``B``.
+    n_iter : int
+        Outer iterations run.
+    errors : list of float
+        Relative error of the scaled problem ``||T - A B|| / ||T||`` after each outer
+        iteration, where tracked (verbose, callback or convergence check).
+    error_before_finalize, error : float
+        Relative calibrated error before and after finalisation.
+    finalized : bool
+        Whether the finalised factor was kept (it is kept only when it does not raise
+        the calibrated error).
+    plan : BudgetPlan
+    counters : SolverCounters
+    """
+
+    left: Any
+    right: Any
+    n_iter: int
+    errors: list[float]
+    error_before_finalize: float
+    error: float
+    finalized: bool
+    plan: BudgetPlan
+    counters: SolverCounters = field(default_factory=SolverCounters)
+
+
+def _surrogate_error_sq(engine: Any, at: Any, cross_a: Any, gram_a: Any, t_sq: float) -> float:
+    """``||T - A B||^2`` from the A-step's ``B T^T`` and ``B B^T`` (with ``at = A^T``)."""
+    xp = engine.xp
+    fit = float(xp.sum(at * engine.matmul(gram_a, at)))
+    return max(t_sq - 2.0 * float(xp.sum(at * cross_a)) + fit, 0.0)
+
+
+def double_sparse_factorization(
+    W: Any,
+    gram: Any = None,
+    *,
+    engine: Any,
+    density: float = 0.5,
+    split: float | str = "auto",
+    max_iter: int = 40,
+    admm_iter: int = 5,
+    mask_iter: int = 2,
+    rho: float = 1.0,
+    ridge: float = 0.01,
+    input_scaling: bool = True,
+    finalize: bool = True,
+    finalize_iter: int = 20,
+    track_errors: bool = False,
+    callback: Callable[[dict], Any] | None = None,
+    verbose: int = 0,
+) -> FactorizationResult:
+    """Factorise ``W ~ A B`` with ``nnz(A) + nnz(B) <= density * m * n``.
+
+    Parameters
+    ----------
+    W : array, shape (m, n)
+        Validated, finite, floating matrix (rows = outputs, columns = inputs).
+    gram : array, shape (n, n), optional
+        Calibration Gram ``X^T X``; plain Frobenius problem when omitted.
+    engine : ArrayAPIEngine
+        Kernels for ``W``'s namespace.
+    density, split, max_iter, admm_iter, mask_iter, rho, ridge, input_scaling, \
+finalize, finalize_iter
+        See :class:`sparsefact.DoubleSparseFactorization`.
+    track_errors : bool
+        Record the scaled-problem error after every outer iteration.
+    callback : callable, optional
+        Called after every outer iteration with a dict (``iteration``, ``error``,
+        ``rho0``, ``elapsed``); returning ``True`` stops the alternation early.
+    verbose : int
+        0 silent, 1 a line every 10 iterations, 2 every iteration.
+
+    Returns
+    -------
+    FactorizationResult
+    """
+    xp = engine.xp
+    m, n = W.shape
+    plan = plan_budgets(m, n, density, split)
+    counters = SolverCounters()
+    track = track_errors or callback is not None or verbose > 0
+    start_time = time.perf_counter()
+
+    scaling = None
+    target = W
+    if gram is not None and input_scaling:
+        scaling = xp.sqrt(engine.diag(gram)) + NORM_EPS
+        target = W * scaling[None, :]
+    if plan.transposed:
+        target = engine.copy(target.T)
+    k, P = plan.k, plan.P
+    t_sq = float(xp.sum(target * target))
+
+    at = engine.eye(k, target)  # A^T, the square factor
+    u_at = engine.zeros((k, k), target)
+    tau0 = engine.kth_smallest_abs(target, plan.index_init)
+    b = engine.magnitude_prune(target, tau0)
+    u_b = engine.zeros((k, P), target)
+
+    errors: list[float] = []
+    n_done = 0
+    for t in range(max_iter):
+        rho0 = warm_start_weight(t, max_iter)
+        # A-step: F = B^T, target T^T, unknown A^T (k x k); mask score |A_ij| ||B_j,:||.
+        gram_a = engine.matmul(b, b.T)
+        cross_a = engine.matmul(b, target.T)
+        counters.add_matmul((k, P), k)
+        counters.add_matmul((k, P), k)
+        if t > 0 and (track or t == max_iter - 1):
+            err = math.sqrt(_surrogate_error_sq(engine, at, cross_a, gram_a, t_sq) / t_sq) if t_sq else 0.0
+            if track:
+                errors.append(err)
+            previous_error = err
+        at, u_at = sparse_least_squares(
+            engine, gram_a, cross_a, engine.row_norms(b), at, u_at,
+            threshold_index=plan.index_square, rho0=rho0, rho=rho, ridge=ridge,
+            n_iter=admm_iter, mask_iter=mask_iter, counters=counters,
+        )
+        # B-step: F = A, target T, unknown B (k x P); mask score |B_ij| ||A_:,i||.
+        gram_b = engine.matmul(at, at.T)
+        cross_b = engine.matmul(at, target)
+        counters.add_matmul((k, k), k)
+        counters.add_matmul((k, k), P)
+        b, u_b = sparse_least_squares(
+            engine, gram_b, cross_b, engine.row_norms(at), b, u_b,
+            threshold_index=plan.index_other, rho0=rho0, rho=rho, ridge=ridge,
+            n_iter=admm_iter, mask_iter=mask_iter, counters=counters,
+        )
+        n_done = t + 1
+        stop = False
+        if callback is not None or verbose > 0:
+            info = {
+                "iteration": t,
+                "error": errors[-1] if errors else float("nan"),
+                "rho0": rho0,
+                "elapsed": time.perf_counter() - start_time,
+            }
+            if verbose > 1 or (verbose == 1 and (t % 10 == 0)):
+                print(
+                    f"[DSF] iteration {t + 1}/{max_iter}: scaled error of previous iterate "
+                    f"{info['error']:.5f}, {info['elapsed']:.1f}s",
+                    file=sys.stdout,
+                    flush=True,
+                )
+            if callback is not None and callback(info) is True:
+                stop = True
+        if stop:
+            break
+
+    final_fit = engine.matmul(engine.copy(at.T), b)
+    counters.add_matmul((k, k), P)
+    final_error = math.sqrt(float(xp.sum((target - final_fit) ** 2)) / t_sq) if t_sq else 0.0
+    if track:
+        errors.append(final_error)
+    else:
+        errors = [previous_error, final_error] if max_iter > 1 and n_done == max_iter else [final_error]
+
+    # Assemble L (output side) and R (input side) with W ~ L R.
+    if plan.transposed:
+        left = engine.copy(b.T)
+        right = engine.copy(at)
+    else:
+        left = engine.copy(at.T)
+        right = b
+    if scaling is not None:
+        right = right / scaling[None, :]
+
+    error_before = relative_error(W, engine.matmul(left, right), gram)
+    error = error_before
+    finalized = False
+    if finalize and finalize_iter > 0:
+        left_new = finalize_output_factor(engine, W, gram, left, right, finalize_iter, rho, counters)
+        error_after = relative_error(W, engine.matmul(left_new, right), gram)
+        if error_after <= error_before:
+            left, error, finalized = left_new, error_after, True
+    if verbose > 0:
+        print(
+            f"[DSF] done: {n_done} iterations, calibrated error {error_before:.5f} -> "
+            f"{error:.5f} after finalisation, {time.perf_counter() - start_time:.1f}s",
+            file=sys.stdout,
+            flush=True,
+        )
+    return FactorizationResult(
+        left=left,
+        right=right,
+        n_iter=n_done,
+        errors=errors,
+        error_before_finalize=error_before,
+        error=error,
+        finalized=finalized,
+        plan=plan,
+        counters=counters,
+    )
+
+
+def finalize_output_factor(
+    engine: Any,
+    W: Any,
+    gram: Any,
+    left: Any,
+    right: Any,
+    n_iter: int = 20,
+    rho: float = 1.0,
+    counters: SolverCounters | None = None,
+) -> Any:
+    """Re-fit the output-side factor's values on its support against the full Gram.
+
+    Solves ``min_L tr((W - L R) G (W - L R)^T)`` over ``L`` with ``support(L)`` fixed,
+    approximately, by :func:`sparsefact.admm.masked_least_squares` warm-started at the
+    current ``L`` (reference/dsf.md §2.5).
+
+    Returns
+    -------
+    array, shape (m, k)
+        The re-fitted ``L`` (a new array).
+    """
+    k, n = right.shape
+    m = W.shape[0]
+    right_g = right if gram is None else engine.matmul(right, gram)
+    system = engine.matmul(right_g, right.T)
+    cross = engine.matmul(right_g, W.T)
+    if counters is not None:
+        if gram is not None:
+            counters.add_matmul((k, n), n)
+        counters.add_matmul((k, n), k)
+        counters.add_matmul((k, n), m)
+    start = engine.copy(left.T)
+    mask = start != 0
+    left_t = masked_least_squares(
+        engine, system, cross, start, mask, n_iter=n_iter, rho=rho, counters=counters
+    )
+    return engine.copy(left_t.T)
