@@ -26,7 +26,12 @@ class SolverCounters:
     elementwise_entries: float = 0.0
 
     def add_matmul(self, a_shape: tuple[int, int], b_cols: int) -> None:
+        """A general product ``(r x s) @ (s x b_cols)``: ``2 r s b_cols`` flops."""
         self.gemm_flops += 2.0 * a_shape[0] * a_shape[1] * b_cols
+
+    def add_gram(self, size: int, inner: int) -> None:
+        """A symmetric Gram ``F F^T`` of size ``size`` over ``inner``: ``size^2 inner`` flops."""
+        self.gemm_flops += float(size) * size * inner
 
 
 def _normalised_system(engine: Any, gram: Any, scale: Any) -> Any:
@@ -114,10 +119,10 @@ def sparse_least_squares(
     for i in range(n_iter):
         last = i == n_iter - 1
         if i < mask_iter:
-            v = engine.add(y, u)
             if scope == "global":
-                tau = engine.kth_smallest_abs(v, threshold_index)
+                v, tau = engine.add_and_select(y, u, threshold_index)
             else:
+                v = engine.add(y, u)
                 tau = engine.column_kth_smallest_abs(v, threshold_index)
             mask, u, out = engine.admm_update(v, u, cross_n, mask, rho, last, tau, True)
             if counters is not None:

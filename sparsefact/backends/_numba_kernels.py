@@ -31,7 +31,61 @@ def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask, n_chunks):
             key = np.int64(keys[i]) & abs_mask
             if (key & prefix_mask) == prefix:
                 hist[c, (key >> shift) & (_N_BINS - 1)] += 1
-    return hist.sum(axis=0)
+    return hist
+
+
+@njit(parallel=True, cache=True)
+def _add_and_top_histogram(y, u, y_keys, abs_mask, shift, n_chunks):
+    """``y += u`` (flat views) fused with the first histogram pass over ``|y|``.
+
+    ``y_keys`` is the integer view of ``y``'s memory; it is read after each write.
+    """
+    n = y.size
+    hist = np.zeros((n_chunks, _N_BINS), np.int64)
+    chunk = (n + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        for i in range(lo, hi):
+            y[i] = y[i] + u[i]
+            key = np.int64(y_keys[i]) & abs_mask
+            hist[c, (key >> shift) & (_N_BINS - 1)] += 1
+    return hist
+
+
+def _key_view(flat: np.ndarray):
+    if flat.dtype == np.float32:
+        return flat.view(np.int32), np.int64(0x7FFFFFFF), 32
+    return flat.view(np.int64), np.int64(0x7FFFFFFFFFFFFFFF), 64
+
+
+def _radix_select(keys, abs_mask, total_bits, index, n_chunks, first_hist=None):
+    """Key of the element of 0-based rank ``index`` among ``keys & abs_mask``."""
+    prefix = 0
+    prefix_mask = 0
+    rank = int(index)
+    shift = total_bits - _DIGIT_BITS
+    while shift >= 0:
+        if first_hist is not None:
+            hist, first_hist = first_hist, None
+        else:
+            hist = _abs_key_histogram(
+                keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask), n_chunks
+            )
+        cumulative = np.cumsum(hist.sum(axis=0))
+        digit = int(np.searchsorted(cumulative, rank, side="right"))
+        if digit > 0:
+            rank -= int(cumulative[digit - 1])
+        prefix |= digit << shift
+        prefix_mask = (prefix_mask | ((_N_BINS - 1) << shift)) & int(abs_mask)
+        shift -= _DIGIT_BITS
+    return prefix
+
+
+def _key_to_float(prefix: int, dtype) -> float:
+    if dtype == np.float32:
+        return float(np.array([prefix], dtype=np.int64).astype(np.int32).view(np.float32)[0])
+    return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
 
 
 def kth_smallest_abs(values: np.ndarray, index: int, n_threads: int) -> float:
@@ -41,31 +95,25 @@ def kth_smallest_abs(values: np.ndarray, index: int, n_threads: int) -> float:
     first): two read passes for float32, four for float64, no sort and no copy.
     """
     flat = values.reshape(-1)
-    if flat.dtype == np.float32:
-        keys = flat.view(np.int32)
-        abs_mask, total_bits = np.int64(0x7FFFFFFF), 32
-    else:
-        keys = flat.view(np.int64)
-        abs_mask, total_bits = np.int64(0x7FFFFFFFFFFFFFFF), 64
-    n_chunks = max(1, min(n_threads * 4, flat.size // 65536 + 1))
-    prefix = 0
-    prefix_mask = 0
-    rank = int(index)
-    shift = total_bits - _DIGIT_BITS
-    while shift >= 0:
-        hist = _abs_key_histogram(
-            keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask), n_chunks
-        )
-        cumulative = np.cumsum(hist)
-        digit = int(np.searchsorted(cumulative, rank, side="right"))
-        if digit > 0:
-            rank -= int(cumulative[digit - 1])
-        prefix |= digit << shift
-        prefix_mask = (prefix_mask | ((_N_BINS - 1) << shift)) & int(abs_mask)
-        shift -= _DIGIT_BITS
-    if flat.dtype == np.float32:
-        return float(np.array([prefix], dtype=np.int64).astype(np.int32).view(np.float32)[0])
-    return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
+    keys, abs_mask, total_bits = _key_view(flat)
+    prefix = _radix_select(keys, abs_mask, total_bits, index, max(1, n_threads))
+    return _key_to_float(prefix, flat.dtype)
+
+
+def add_and_select(y: np.ndarray, u: np.ndarray, index: int, n_threads: int) -> float:
+    """``y += u`` in place, then the value at position ``index`` of ``sort(|y|)``.
+
+    The addition is fused with the first radix pass, so a float32 selection costs one
+    extra read of ``y``.
+    """
+    flat = y.reshape(-1)
+    keys, abs_mask, total_bits = _key_view(flat)
+    n_chunks = max(1, n_threads)
+    first = _add_and_top_histogram(
+        flat, u.reshape(-1), keys, abs_mask, np.int64(total_bits - _DIGIT_BITS), n_chunks
+    )
+    prefix = _radix_select(keys, abs_mask, total_bits, index, n_chunks, first)
+    return _key_to_float(prefix, flat.dtype)
 
 
 @njit(parallel=True, cache=True)

@@ -95,6 +95,11 @@ class ArrayAPIEngine:
         flat = xp.reshape(xp.abs(v), (-1,))
         return float(xp.sort(flat)[index])
 
+    def add_and_select(self, y: Any, u: Any, index: int) -> tuple[Any, float]:
+        """``v = y + u`` and the value at position ``index`` of ``sort(|v|)`` (``y`` consumed)."""
+        v = self.add(y, u)
+        return v, self.kth_smallest_abs(v, index)
+
     def column_kth_smallest_abs(self, v: Any, index: int) -> Any:
         """Per column: the value at 0-based position ``index`` of ``sort(|v[:, j]|)``.
 

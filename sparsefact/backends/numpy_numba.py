@@ -130,6 +130,11 @@ class NumpyNumbaEngine(ArrayAPIEngine):
     def kth_smallest_abs(self, v, index):
         return nk.kth_smallest_abs(_c_contiguous(v), index, self.n_threads)
 
+    def add_and_select(self, y, u, index):
+        y = _c_contiguous(y)
+        tau = nk.add_and_select(y, _c_contiguous(u), index, self.n_threads)
+        return y, tau
+
     def add(self, y, u):
         y = _c_contiguous(y)
         nk.add_inplace(y, _c_contiguous(u))
