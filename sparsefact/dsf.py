@@ -296,9 +296,11 @@ finalize, finalize_iter
                 "elapsed": time.perf_counter() - start_time,
             }
             if verbose > 1 or (verbose == 1 and (t % 10 == 0)):
+                progress = (
+                    f"scaled error {info['error']:.5f}" if errors else "first iteration done"
+                )
                 print(
-                    f"[DSF] iteration {t + 1}/{max_iter}: scaled error of previous iterate "
-                    f"{info['error']:.5f}, {info['elapsed']:.1f}s",
+                    f"[DSF] iteration {t + 1}/{max_iter}: {progress}, {info['elapsed']:.1f}s",
                     file=sys.stdout,
                     flush=True,
                 )
