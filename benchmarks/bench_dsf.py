@@ -136,14 +136,18 @@ def main(argv=None) -> None:
             + "  ".join(f"{k} {v / row['seconds']:.0%}" for k, v in sorted(ph.items())),
             flush=True,
         )
-    header = "| shape | seconds | calibrated error | GFLOP | GFLOP/s | GEMM GFLOP/s | fraction of GEMM | solves | selection | element-wise | other |"
-    lines = [header, "|" + "---|" * 11]
+    columns = (
+        "shape", "seconds", "calibrated error", "GFLOP", "GFLOP/s", "GEMM GFLOP/s",
+        "fraction of GEMM", "solves", "selection", "element-wise", "other",
+    )
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    phase_names = ("solves", "selection", "element-wise", "other")
     for r in rows:
         ph = r["phases_s"]
         lines.append(
             f"| {r['shape']} | {r['seconds']:.2f} | {r['calibrated_error']:.4f} | {r['gflop']:.1f} | "
             f"{r['achieved_gflops']:.1f} | {r['gemm_gflops']:.1f} | {r['fraction_of_gemm']:.0%} | "
-            + " | ".join(f"{ph.get(p, 0.0) / r['seconds']:.0%}" for p in ("solves", "selection", "element-wise", "other"))
+            + " | ".join(f"{ph.get(p, 0.0) / r['seconds']:.0%}" for p in phase_names)
             + " |"
         )
     print()
