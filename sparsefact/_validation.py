@@ -52,38 +52,47 @@ def check_matrix(value: Any, name: str, *, estimator: Any = None) -> tuple[Any, 
     Raises
     ------
     ValueError
-        Not 2-D, empty, or containing NaN/inf.
+        Not 2-D, empty, complex, or containing NaN/inf. Every message names the
+        argument (scikit-learn's own messages are prefixed with ``"{name}: "``).
     TypeError
-        Complex or non-numeric data.
+        Sparse or otherwise unsupported containers.
     """
     if value is None:
         raise ValueError(f"{name} is required, got None")
     xp = namespace_of(value)
     if xp is None:
-        if np.iscomplexobj(value):
-            raise TypeError(f"{name} must be real-valued, got complex data")
-        checked = check_array(
-            value,
-            dtype=[np.float64, np.float32],
-            ensure_2d=True,
-            ensure_all_finite=True,
-            input_name=name,
-            estimator=estimator,
-            ensure_min_samples=1,
-            ensure_min_features=1,
-        )
+        try:
+            checked = check_array(
+                value,
+                dtype=[np.float64, np.float32],
+                ensure_2d=True,
+                ensure_all_finite=True,
+                input_name=name,
+                estimator=estimator,
+                ensure_min_samples=1,
+                ensure_min_features=1,
+            )
+        except ValueError as exc:
+            # scikit-learn's messages ("Expected 2D array", "Found array with 0
+            # sample(s)", "Complex data not supported") do not all say which argument
+            # was wrong; keep their text (its checks match on it) and name it.
+            message = str(exc)
+            if message.startswith(f"Input {name} ") or message.startswith(f"{name}: "):
+                raise
+            raise ValueError(f"{name}: {message}") from exc
         import array_api_compat.numpy as np_compat
 
         return checked, np_compat
     if value.ndim != 2:
         raise ValueError(
-            f"{name} must be a 2-D array, got {value.ndim} dimension(s) with shape {tuple(value.shape)}"
+            f"{name} must be a 2-D array, got {value.ndim} dimension(s) with shape "
+            f"{tuple(value.shape)}. Reshape your data."
         )
     if value.shape[0] == 0 or value.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(value.shape)}")
     if not _is_floating(xp, value.dtype):
         if xp.isdtype(value.dtype, "complex floating"):
-            raise TypeError(f"{name} must be real-valued, got dtype {value.dtype}")
+            raise ValueError(f"{name}: Complex data not supported (dtype {value.dtype})")
         value = xp.astype(value, xp.float64)
     if not bool(xp.all(xp.isfinite(value))):
         raise ValueError(f"Input {name} contains NaN or infinity.")

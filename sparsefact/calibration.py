@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
-from ._validation import check_matrix
+from ._validation import check_matrix, convert_to_namespace, namespace_of
 
 
 class Calibration:
@@ -45,12 +46,14 @@ class Calibration:
     """
 
     def __init__(self, n_features: int | None = None) -> None:
-        if n_features is not None and (not isinstance(n_features, int | np.integer) or n_features < 1):
+        if n_features is not None and (
+            isinstance(n_features, bool) or not isinstance(n_features, int | np.integer) or n_features < 1
+        ):
             raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
         self.n_features = None if n_features is None else int(n_features)
         self.n_samples = 0
+        # Only arrays are stored (no namespace module), so a Calibration pickles.
         self._gram: Any = None
-        self._xp: Any = None
 
     def __repr__(self) -> str:
         return f"Calibration(n_features={self.n_features}, n_samples={self.n_samples})"
@@ -75,6 +78,10 @@ class Calibration:
         n, n2 = checked.shape
         if n != n2:
             raise ValueError(f"gram must be square (n_features x n_features), got shape {(n, n2)}")
+        if n_samples is not None and (
+            isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 0
+        ):
+            raise ValueError(f"n_samples must be a non-negative integer, got {n_samples!r}")
         scale = float(xp.max(xp.abs(checked))) or 1.0
         if float(xp.max(xp.abs(checked - checked.T))) > 1e-5 * scale:
             raise ValueError("gram must be symmetric (a Gram matrix X^T X)")
@@ -82,7 +89,6 @@ class Calibration:
             raise ValueError("gram has a negative diagonal entry: it is not a Gram matrix X^T X")
         cal = cls(n)
         cal._gram = xp.astype(checked, xp.float64)
-        cal._xp = xp
         cal.n_samples = int(n_samples) if n_samples is not None else 0
         return cal
 
@@ -92,9 +98,11 @@ class Calibration:
 
         Returns ``self`` so calls can be chained.
         """
-        xp_probe = getattr(X, "ndim", None)
-        if xp_probe is not None and X.ndim > 2:
-            X = X.reshape(-1, X.shape[-1])
+        if getattr(X, "ndim", None) is None and namespace_of(X) is None:
+            X = np.asarray(X)  # nested lists: find their dimensions
+        if X.ndim > 2:  # (batch, tokens, features) and the like: one row per token
+            X_xp = array_api_compat.array_namespace(X)
+            X = X_xp.reshape(X, (-1, X.shape[-1]))
         checked, xp = check_matrix(X, name)
         if self.n_features is None:
             self.n_features = int(checked.shape[1])
@@ -106,9 +114,12 @@ class Calibration:
         x64 = xp.astype(checked, xp.float64)
         contribution = xp.matmul(x64.T, x64)
         if self._gram is None:
-            self._gram, self._xp = contribution, xp
+            self._gram = contribution
         else:
-            self._gram = self._gram + contribution
+            # Later batches may come from another namespace or device: add them in the
+            # namespace of the accumulated Gram.
+            gram_xp = array_api_compat.array_namespace(self._gram)
+            self._gram = self._gram + convert_to_namespace(contribution, self._gram, gram_xp)
         self.n_samples += int(checked.shape[0])
         return self
 
@@ -127,5 +138,6 @@ class Calibration:
 
     def diag(self) -> Any:
         """The diagonal of the Gram (squared input norms per feature)."""
-        xp = self._xp
-        return xp.linalg.diagonal(self.gram())
+        gram = self.gram()
+        xp = array_api_compat.array_namespace(gram)
+        return xp.linalg.diagonal(gram)

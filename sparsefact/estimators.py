@@ -15,6 +15,7 @@ import warnings
 from numbers import Integral, Real
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
@@ -33,13 +34,41 @@ from .metrics import relative_error
 
 def _to_sparse(dense: Any) -> Any:
     """CSR copy of a dense factor: scipy.sparse for CPU arrays, cupyx on the GPU."""
-    import array_api_compat
-
     if array_api_compat.is_cupy_array(dense):  # pragma: no cover - needs a GPU
         import cupyx.scipy.sparse as csp
 
         return csp.csr_matrix(dense)
     return sp.csr_array(to_numpy(dense))
+
+
+def _ndim(value: Any) -> int:
+    """Number of dimensions of an array-like, without NumPy's ``__array_function__``."""
+    if hasattr(value, "ndim"):
+        return int(value.ndim)
+    try:
+        return np.asarray(value).ndim
+    except ValueError:  # ragged sequences: not a matrix of calibration inputs
+        return 1
+
+
+def _check_inner_dimension(m: int, n: int) -> None:
+    """Reject shapes whose inner dimension ``min(m, n)`` cannot carry two sparse factors.
+
+    With ``k = min(m, n) = 1`` the square factor is ``1 x 1`` and no budget rule can keep
+    it nonzero. The messages use scikit-learn's wording ("1 sample", "1 feature(s)").
+    """
+    if m >= 2 and n >= 2:
+        return
+    if m < 2 and n < 2:
+        what = f"W has 1 sample and 1 feature(s) (shape ({m}, {n}))"
+    elif m < 2:
+        what = f"W has 1 sample (row) (shape ({m}, {n}))"
+    else:
+        what = f"W has 1 feature(s) (column) (shape ({m}, {n}))"
+    raise ValueError(
+        f"{what}: DoubleSparseFactorization needs at least 2 rows and 2 columns, since the "
+        "inner dimension min(m, n) of A @ B must be at least 2"
+    )
 
 
 class _BaseCompressor(BaseEstimator):
@@ -62,10 +91,11 @@ class _BaseCompressor(BaseEstimator):
         """
         W_checked, xp = check_matrix(W, "W", estimator=self)
         validate_data(self, W, reset=True, skip_check_array=True)
-        if y is not None and getattr(y, "ndim", np.ndim(y)) == 2:
+        calib_name = "X_calib"
+        if y is not None and _ndim(y) == 2:
             if X_calib is not None:
                 raise ValueError("pass the calibration inputs once: as y or as X_calib, not both")
-            X_calib = y
+            X_calib, calib_name = y, "X_calib (the 2-D second argument of fit)"
         if X_calib is not None and calibration is not None:
             raise ValueError("pass either X_calib or calibration, not both")
         n = W_checked.shape[1]
@@ -86,7 +116,7 @@ class _BaseCompressor(BaseEstimator):
             X_checked, _ = check_matrix(X_calib, "X_calib")
             if X_checked.shape[1] != n:
                 raise ValueError(
-                    f"X_calib has {X_checked.shape[1]} columns, but W has {n}: calibration "
+                    f"{calib_name} has {X_checked.shape[1]} columns, but W has {n}: calibration "
                     "inputs must have shape (n_tokens, n_features) with n_features = W.shape[1]"
                 )
             gram = convert_to_namespace(Calibration.from_activations(X_checked).gram(), W_checked, xp)
@@ -286,6 +316,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self
         """
         W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
+        _check_inner_dimension(*W_checked.shape)
         engine = self._engine(xp)
         with engine.loop_context():
             result = double_sparse_factorization(
@@ -307,7 +338,6 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             )
         self._left, self._right = result.left, result.right
         self._gram = gram if self.keep_calibration else None
-        self._xp = xp
         self.A_ = _to_sparse(result.left)
         self.B_ = _to_sparse(result.right)
         self.components_ = self.B_
@@ -349,7 +379,8 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     def reconstruct(self) -> Any:
         """Dense ``A_ @ B_`` in the fitted matrix's namespace, device and dtype."""
         check_is_fitted(self)
-        return self._xp.matmul(self._left, self._right)
+        xp = array_api_compat.array_namespace(self._left)
+        return xp.matmul(self._left, self._right)
 
     def transform(self, W: Any) -> Any:
         """Sparse codes of new rows against the fixed ``B_`` (like ``NMF.transform``).
@@ -480,7 +511,6 @@ class MagnitudePruning(_BaseCompressor):
             mask = row_topk_mask(np.abs(values), int(round(self.density * n)))
         pruned = np.where(mask, values, 0).astype(values.dtype, copy=False)
         self._dense = convert_to_namespace(pruned, W_checked, xp)
-        self._xp = xp
         self.weight_ = sp.csr_array(pruned)
         self.nnz_ = int(self.weight_.nnz)
         self.density_ = self.nnz_ / (m * n)

@@ -1,0 +1,57 @@
+"""Shared fixtures and settings of the sparsefact test suite.
+
+- Hypothesis runs derandomized with a fixed example budget and no deadline (Numba
+  compiles kernels on first use, which would trip a per-example deadline), so CI runs
+  are reproducible. ``SPARSEFACT_HYPOTHESIS_PROFILE=thorough`` runs more examples.
+- The suite checks numbers, never speed. On a shared 2-core machine the Numba (OpenMP)
+  and BLAS thread pools of a fit oversubscribe the cores and a 256x256 fit was measured
+  10-30x slower than single-threaded, so every test runs with one thread per pool
+  (``SPARSEFACT_TEST_THREADS`` overrides). ``tests/test_backends.py`` runs the parallel
+  Numba kernels with two threads explicitly, so their parallel paths stay covered.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    max_examples=30,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=300,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("SPARSEFACT_HYPOTHESIS_PROFILE", "ci"))
+
+TEST_THREADS = int(os.environ.get("SPARSEFACT_TEST_THREADS", "1"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _limit_threads():
+    """One thread per pool for the whole session (see the module docstring)."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(TEST_THREADS, numba.config.NUMBA_NUM_THREADS))
+    with threadpool_limits(limits=TEST_THREADS):
+        yield
+    numba.set_num_threads(previous)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
