@@ -83,15 +83,16 @@ def sparse_least_squares(
         coordinates).
     threshold_index : int
         0-based position of the threshold in ``sort(|Y~ + U|)`` (global scope), or in
-        every column's sort (column scope); entries strictly above it are kept. See
+        every column's (row's) sort for column (row) scope; entries strictly above it are
+        kept. See
         :func:`sparsefact.masks.strict_threshold_index`.
     rho0 : float
         Warm-start penalty of the first x-step (0 gives a pure ridge solve).
     rho, ridge, n_iter, mask_iter : float, float, int, int
         ADMM penalty, relative ridge, inner iterations, iterations that refresh the
         mask.
-    scope : {"global", "column"}
-        One threshold over the whole unknown, or one per column.
+    scope : {"global", "column", "row"}
+        One threshold over the whole unknown, one per column, or one per row.
     counters : SolverCounters, optional
         Receives the work done.
 
@@ -102,6 +103,8 @@ def sparse_least_squares(
     """
     if mask_iter < 1:
         raise ValueError("mask_iter must be >= 1 when no mask is given")
+    if scope not in ("global", "column", "row"):
+        raise ValueError(f"scope must be 'global', 'column' or 'row', got {scope!r}")
     scale = norms + NORM_EPS
     system = _normalised_system(engine, gram, scale)
     ridge_value = ridge * float(engine.xp.mean(engine.diag(system)))
@@ -123,7 +126,8 @@ def sparse_least_squares(
                 v, tau = engine.add_and_select(y, u, threshold_index)
             else:
                 v = engine.add(y, u)
-                tau = engine.column_kth_smallest_abs(v, threshold_index)
+                select = engine.column_kth_smallest_abs if scope == "column" else engine.row_kth_smallest_abs
+                tau = select(v, threshold_index)
             mask, u, out = engine.admm_update(v, u, cross_n, mask, rho, last, tau, True)
             if counters is not None:
                 counters.selections += 1

@@ -48,6 +48,11 @@ class BudgetPlan:
         other factor, and the half-budget initial prune of the other factor.
     max_nnz : int
         Upper bound of ``nnz(A) + nnz(B)`` under the rule; never above ``density m n``.
+    masks : {"global", "row"}
+        One threshold per factor, or one per row of each factor (then the indices are
+        positions within a row of the assembled factor).
+    scope_square, scope_other : {"global", "row", "column"}
+        Selection scope of the A-step and B-step sub-problems.
     """
 
     m: int
@@ -63,6 +68,9 @@ class BudgetPlan:
     index_other: int
     index_init: int
     max_nnz: int
+    masks: str = "global"
+    scope_square: str = "global"
+    scope_other: str = "global"
 
 
 def resolve_split(split: float | str, m: int, n: int) -> float:
@@ -82,8 +90,23 @@ def minimum_density(m: int, n: int, split: float) -> float:
     return (budget_square + floor_other) / (m * n)
 
 
-def plan_budgets(m: int, n: int, density: float, split: float | str = "auto") -> BudgetPlan:
+def plan_budgets(
+    m: int, n: int, density: float, split: float | str = "auto", masks: str = "global"
+) -> BudgetPlan:
     """Share ``density * m * n`` nonzeros between the factors, or explain why not.
+
+    Parameters
+    ----------
+    m, n : int
+        Shape of ``W``.
+    density : float
+        Kept fraction over both factors.
+    split : "auto" or float
+        Square factor density (see :func:`resolve_split`).
+    masks : {"global", "row"}
+        ``"global"`` (the reference): one threshold over each factor. ``"row"``: every
+        row of the output-side factor ``A_`` and of the input-side factor ``B_`` keeps
+        the same number of nonzeros (balanced rows for sparse kernels).
 
     Raises
     ------
@@ -92,34 +115,50 @@ def plan_budgets(m: int, n: int, density: float, split: float | str = "auto") ->
         density floor would push ``nnz(A) + nnz(B)`` over the budget. The message
         states the minimum density (or split) for the shape.
     """
+    if masks not in ("global", "row"):
+        raise ValueError(f"masks must be 'global' or 'row', got {masks!r}")
     split_value = resolve_split(split, m, n)
     k, P = min(m, n), max(m, n)
     transposed = m >= n
     total = density * m * n  # double precision, as the reference code
     budget_square = math.floor(k * k * split_value)
     budget_other = math.floor(total - budget_square)
-    keep_square = strict_kept_count(budget_square, k * k)
-    if keep_square < 1:
+    if masks == "global":
+        lines_square, length_square = 1, k * k
+        lines_other, length_other = 1, k * P
+        scope_square = scope_other = "global"
+    else:
+        lines_square, length_square = k, k
+        lines_other, length_other = (P, k) if transposed else (k, P)
+        scope_square = "row" if transposed else "column"
+        scope_other = "column" if transposed else "row"
+    keep_square = lines_square * strict_kept_count(budget_square / lines_square, length_square)
+    if keep_square < 1 or (masks == "row" and keep_square < lines_square):
         need = (k * k + 1) / (k * k)
         raise ValueError(
             f"split={split_value:g} leaves the {k}x{k} square factor of a {m}x{n} matrix "
-            f"with no nonzero (the selection rule keeps floor(split*k^2) - 1 or "
-            f"floor(split*k^2) = {budget_square} entries); "
+            f"with no nonzero{' in some rows' if masks == 'row' else ''} (the selection rule "
+            f"keeps floor(split*k^2) - 1 or floor(split*k^2) = {budget_square} entries); "
             + (
-                f"use split >= {min(need * 2 / k / k, 1.0):.3g}"
+                f"use split >= {min(need * 2 / k / (1 if masks == 'row' else k), 1.0):.3g}"
                 if k >= 2
                 else "a matrix with 1 sample or 1 feature(s) cannot be factorised: "
                 "the inner dimension min(m, n) must be at least 2"
             )
         )
-    if budget_other < 1 or keep_square + strict_kept_count(budget_other, k * P) > math.floor(total):
+    keep_other = (
+        lines_other * strict_kept_count(budget_other / lines_other, length_other)
+        if budget_other >= 1
+        else 0
+    )
+    if budget_other < 1 or keep_other < lines_other or keep_square + keep_other > math.floor(total):
         raise ValueError(
             f"density={density:g} is too small for a {m}x{n} matrix with split="
             f"{split_value:g}: the square factor takes {budget_square} nonzeros and the other "
-            f"factor keeps at least {DENSITY_FLOOR:.0%} of its {k * P} entries; the minimum "
-            f"density is {minimum_density(m, n, split_value):.4f}"
+            f"factor keeps at least {DENSITY_FLOOR:.0%} of its {k * P} entries"
+            f"{' in every row' if masks == 'row' else ''}; the minimum density is "
+            f"{minimum_density(m, n, split_value):.4f}"
         )
-    keep_other = strict_kept_count(budget_other, k * P)
     return BudgetPlan(
         m=m,
         n=n,
@@ -130,10 +169,13 @@ def plan_budgets(m: int, n: int, density: float, split: float | str = "auto") ->
         split=split_value,
         budget_square=budget_square,
         budget_other=budget_other,
-        index_square=strict_threshold_index(budget_square, k * k),
-        index_other=strict_threshold_index(budget_other, k * P),
+        index_square=strict_threshold_index(budget_square / lines_square, length_square),
+        index_other=strict_threshold_index(budget_other / lines_other, length_other),
         index_init=strict_threshold_index(budget_other / 2, k * P, floor=0.0),
         max_nnz=keep_square + keep_other,
+        masks=masks,
+        scope_square=scope_square,
+        scope_other=scope_other,
     )
 
 
@@ -205,6 +247,7 @@ def double_sparse_factorization(
     input_scaling: bool = True,
     finalize: bool = True,
     finalize_iter: int = 20,
+    masks: str = "global",
     track_errors: bool = False,
     callback: Callable[[dict], Any] | None = None,
     verbose: int = 0,
@@ -220,8 +263,8 @@ def double_sparse_factorization(
     engine : ArrayAPIEngine
         Kernels for ``W``'s namespace.
     density, split, max_iter, admm_iter, mask_iter, rho, ridge, input_scaling, \
-finalize, finalize_iter
-        See :class:`sparsefact.DoubleSparseFactorization`.
+finalize, finalize_iter, masks
+        See :class:`sparsefact.DoubleSparseFactorization` and :func:`plan_budgets`.
     track_errors : bool
         Record the scaled-problem error after every outer iteration.
     callback : callable, optional
@@ -236,7 +279,7 @@ finalize, finalize_iter
     """
     xp = engine.xp
     m, n = W.shape
-    plan = plan_budgets(m, n, density, split)
+    plan = plan_budgets(m, n, density, split, masks)
     counters = SolverCounters()
     track = track_errors or callback is not None or verbose > 0
     start_time = time.perf_counter()
@@ -274,7 +317,7 @@ finalize, finalize_iter
         at, u_at = sparse_least_squares(
             engine, gram_a, cross_a, engine.row_norms(b), at, u_at,
             threshold_index=plan.index_square, rho0=rho0, rho=rho, ridge=ridge,
-            n_iter=admm_iter, mask_iter=mask_iter, counters=counters,
+            n_iter=admm_iter, mask_iter=mask_iter, scope=plan.scope_square, counters=counters,
         )
         # B-step: F = A, target T, unknown B (k x P); mask score |B_ij| ||A_:,i||.
         gram_b = engine.matmul(at, at.T)
@@ -284,7 +327,7 @@ finalize, finalize_iter
         b, u_b = sparse_least_squares(
             engine, gram_b, cross_b, engine.row_norms(at), b, u_b,
             threshold_index=plan.index_other, rho0=rho0, rho=rho, ridge=ridge,
-            n_iter=admm_iter, mask_iter=mask_iter, counters=counters,
+            n_iter=admm_iter, mask_iter=mask_iter, scope=plan.scope_other, counters=counters,
         )
         n_done = t + 1
         stop = False
@@ -391,3 +434,70 @@ def finalize_output_factor(
         engine, system, cross, start, mask, n_iter=n_iter, rho=rho, counters=counters
     )
     return engine.copy(left_t.T)
+
+
+SEARCH_SHARES = (0.2, 1.0 / 3.0, 0.5)
+
+
+def search_split(
+    W: Any,
+    gram: Any = None,
+    *,
+    engine: Any,
+    density: float = 0.5,
+    shares: tuple[float, ...] = SEARCH_SHARES,
+    search_iter: int = 10,
+    **params: Any,
+) -> tuple[float, dict[float, float]]:
+    """Pick the square factor's density by trying a few shares of the budget.
+
+    The paper leaves open how to split the nonzeros between the two factors (the
+    reference code fixes 0.16 / 0.25 of the square factor). Each candidate gives the
+    square factor ``share`` of all nonzeros (plus the reference default); each is run
+    with a cheap schedule (``search_iter`` outer iterations, no finalisation) and the
+    one with the lowest calibrated error wins.
+
+    Parameters
+    ----------
+    W, gram, engine, density
+        As :func:`double_sparse_factorization`.
+    shares : tuple of float
+        Candidate fractions of the total budget given to the square factor.
+    search_iter : int
+        Outer iterations of each trial.
+    **params
+        Other :func:`double_sparse_factorization` arguments (``max_iter``,
+        ``finalize``, ``callback`` and ``verbose`` are overridden).
+
+    Returns
+    -------
+    best_split : float
+        Square-factor density with the lowest trial error.
+    trials : dict
+        ``{split: calibrated error before finalisation}`` for every valid candidate.
+    """
+    m, n = W.shape
+    k = min(m, n)
+    candidates = {resolve_split("auto", m, n)}
+    for share in shares:
+        split = share * density * m * n / (k * k)
+        if 0 < split <= 1:
+            candidates.add(round(split, 6))
+    params = {key: value for key, value in params.items() if key not in ("callback", "verbose")}
+    trials: dict[float, float] = {}
+    for split in sorted(candidates):
+        try:
+            plan_budgets(m, n, density, split, params.get("masks", "global"))
+        except ValueError:
+            continue
+        result = double_sparse_factorization(
+            W, gram, engine=engine, density=density, split=split,
+            **{**params, "max_iter": search_iter, "finalize": False},
+        )
+        trials[split] = result.error_before_finalize
+    if not trials:
+        raise ValueError(
+            f"split='search' found no valid split for a {m}x{n} matrix at density={density:g}"
+        )
+    best = min(trials, key=trials.get)
+    return best, trials

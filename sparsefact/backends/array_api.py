@@ -108,6 +108,14 @@ class ArrayAPIEngine:
         xp = self.xp
         return xp.sort(xp.abs(v), axis=0)[index : index + 1, :]
 
+    def row_kth_smallest_abs(self, v: Any, index: int) -> Any:
+        """Per row: the value at 0-based position ``index`` of ``sort(|v[i, :]|)``.
+
+        Returned as an ``(n_rows, 1)`` array so that it broadcasts against ``v``.
+        """
+        xp = self.xp
+        return xp.sort(xp.abs(v), axis=1)[:, index : index + 1]
+
     # ------------------------------------------------------------------ element-wise
     def add(self, y: Any, u: Any) -> Any:
         """``y + u`` (``y`` is consumed)."""
