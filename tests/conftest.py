@@ -54,4 +54,3 @@ def _limit_threads():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-

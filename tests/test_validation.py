@@ -112,7 +112,6 @@ def test_budget_too_small_for_the_square_factor_states_the_minimum_density():
     assert est.nnz_ <= 0.1702 * 64 * 64
 
 
-
 def test_calibration_of_the_wrong_type():
     X = gaussian(20, 16)
     with pytest.raises(TypeError, match="calibration must be a sparsefact.Calibration.*got ndarray"):
