@@ -1,0 +1,587 @@
+"""torch modules that hold sparse factors: ``DoubleSparseLinear``, ``DoubleSparseConv2d``, ``SparseLinear``.
+
+A compressed layer keeps its factors either as torch sparse CSR tensors (``layout="csr"``) or as
+dense tensors whose pruned entries are zeros (``layout="dense"``, the "masked dense" form). The
+forward pass never forms the dense product ``A @ B``: it computes ``(x Bᵀ) Aᵀ + bias``.
+
+Layout rule (``layout="auto"``), decided per factor from its density and size
+------------------------------------------------------------------------------
+Measured by ``benchmarks/bench_modules.py`` (torch 2.13 CPU build, MKL sparse kernels, 2 threads,
+median of repeats; ``benchmarks/results/bench_modules.json``). One factor product ``W @ z`` for
+``W`` of shape 1536x384 / 384x384 / 384x1536, CSR time relative to dense time (lower is better
+for CSR)::
+
+{CROSSOVER_TABLE}
+
+So CSR pays only for very sparse factors; at the densities DSF factors usually have (0.15-0.5)
+dense kernels win, often by 2-10x. ``auto`` therefore picks CSR for a factor when
+``density <= {CSR_MAX_DENSITY}`` and ``numel >= {CSR_MIN_NUMEL}`` (small matrices are dominated
+by call overhead), and dense otherwise. fp16/bf16 factors on the CPU are always dense under
+``auto``, because torch's CPU CSR matmul (MKL) has no half-precision kernel.
+
+Precision: float32/float64 compute in their dtype for both layouts. fp16/bf16 compute in their
+dtype with the dense layout (CPU and CUDA) and with CSR on CUDA; a CSR factor in fp16/bf16 on the
+CPU (only when forced with ``layout="csr"``) is multiplied in float32 and the result cast back.
+
+State: factors and bias are registered as *buffers*, not parameters. These are inference modules:
+nothing here is trained, an optimiser never sees the factors, and gradients flow only to the input.
+Buffers follow ``.to(dtype)`` / ``.to(device)`` / ``.half()`` and appear in ``state_dict()`` (a CSR
+factor as a sparse CSR tensor); ``load_state_dict`` and ``copy.deepcopy`` are customised because
+torch cannot copy a CSR tensor into one with a different number of nonzeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's convention
+from torch import nn
+
+__all__ = [
+    "DoubleSparseConv2d",
+    "DoubleSparseLinear",
+    "SparseLinear",
+    "choose_layout",
+    "replace_module",
+]
+
+#: ``auto`` uses CSR for a factor with at most this density ...
+CSR_MAX_DENSITY = 0.05
+#: ... and at least this many entries (see the module docstring for the measurement).
+CSR_MIN_NUMEL = 1 << 16
+
+_LAYOUTS = ("auto", "csr", "dense")
+_HALF = (torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------- helpers
+def choose_layout(nnz: int, shape: tuple[int, int], dtype: torch.dtype, device: Any = "cpu") -> str:
+    """Runtime layout that ``layout="auto"`` picks for one factor (``"csr"`` or ``"dense"``)."""
+    numel = int(shape[0]) * int(shape[1])
+    if numel == 0:
+        return "dense"
+    if dtype in _HALF and torch.device(device).type == "cpu":
+        return "dense"
+    if nnz / numel <= CSR_MAX_DENSITY and numel >= CSR_MIN_NUMEL:
+        return "csr"
+    return "dense"
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _as_torch(M: Any, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
+    """A 2-D numpy / scipy.sparse / torch (dense or sparse) matrix as a torch tensor.
+
+    Sparse inputs stay sparse (CSR, explicit zeros dropped); dense inputs stay dense.
+    ``dtype=None`` keeps a torch input's dtype and gives NumPy/SciPy inputs torch's default dtype.
+    """
+    if isinstance(M, torch.Tensor):
+        target = dtype if dtype is not None else M.dtype
+        if not target.is_floating_point:
+            target = torch.get_default_dtype()
+        if M.layout in (torch.sparse_coo, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+            M = M.to_dense()
+        out = M.detach().to(device=device, dtype=target)
+        return out
+    target = dtype if dtype is not None else torch.get_default_dtype()
+    if sp.issparse(M):
+        csr = sp.csr_array(M, copy=True)
+        csr.eliminate_zeros()
+        csr.sum_duplicates()
+        if csr.ndim != 2:
+            raise ValueError(f"expected a 2-D factor, got shape {csr.shape}")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr.astype(np.int64)),
+            torch.from_numpy(csr.indices.astype(np.int64)),
+            torch.from_numpy(np.asarray(csr.data)).to(target),
+            size=tuple(int(s) for s in csr.shape),
+            device=device,
+        )
+    arr = np.asarray(M)
+    if arr.dtype == object:
+        raise TypeError(f"cannot convert {type(M).__name__} to a tensor")
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=target)
+
+
+def _nnz(W: torch.Tensor) -> int:
+    if W.layout is torch.sparse_csr:
+        return int(torch.count_nonzero(W.values()))
+    return int(torch.count_nonzero(W))
+
+
+def _to_layout(W: torch.Tensor, layout: str) -> torch.Tensor:
+    """``W`` (dense or CSR, 2-D) converted to the runtime layout ``"csr"`` / ``"dense"``."""
+    if layout == "csr":
+        if W.layout is torch.sparse_csr:
+            return W
+        if W.dtype in _HALF and W.device.type == "cpu":
+            # to_sparse_csr has no CPU half kernel in some builds; go through float32.
+            return W.to(torch.float32).to_sparse_csr().to(W.dtype)
+        return W.to_sparse_csr()
+    if W.layout is torch.sparse_csr:
+        return W.to_dense()
+    return W.contiguous()
+
+
+def _resolve(W: torch.Tensor, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    return choose_layout(_nnz(W), tuple(W.shape), W.dtype, W.device)
+
+
+def _storage_bytes(nnz: int, shape: tuple[int, int], itemsize: int) -> tuple[str, int]:
+    """Compact on-disk form of one factor: CSR with int32 indices, or dense if that is smaller."""
+    rows, cols = int(shape[0]), int(shape[1])
+    dense = rows * cols * itemsize
+    index = 4 if max(nnz, cols, rows + 1) <= _INT32_MAX else 8
+    csr = nnz * (itemsize + index) + (rows + 1) * index
+    return ("csr", csr) if csr < dense else ("dense", dense)
+
+
+def _matmul_cols(W: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``W @ z`` for a dense or CSR ``W`` and dense ``z`` (columns are samples)."""
+    if W.layout is torch.sparse_csr:
+        if W.dtype in _HALF and W.device.type == "cpu":
+            return (W.to(torch.float32) @ z.to(torch.float32)).to(z.dtype)
+        return W @ z
+    return W @ z
+
+
+def _chain_linear(x2: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x2 (N, in) -> (N, out)`` through ``factors`` applied right to left as ``x Wᵀ``.
+
+    Dense factors use ``F.linear`` in row form; a CSR factor switches to column form
+    (``W @ zᵀ``), which is the product torch's CSR kernels provide.
+    """
+    z = x2
+    row_form = True
+    for W in factors:
+        if W.layout is torch.sparse_csr:
+            z = _matmul_cols(W, z.T if row_form else z)
+            row_form = False
+        elif row_form:
+            z = F.linear(z, W)
+        else:
+            z = W @ z
+    return z if row_form else z.T
+
+
+class _FactorModule(nn.Module):
+    """Shared machinery: factor buffers with a per-factor runtime layout."""
+
+    _factor_names: tuple[str, ...] = ()
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = _check_layout(layout)
+        self.layouts: dict[str, str] = {}
+
+    # -- factors
+    def _set_factor(self, name: str, W: torch.Tensor, layout: str | None = None) -> None:
+        """Store ``W`` as buffer ``name`` in ``layout`` (default: this module's rule)."""
+        chosen = _resolve(W, self.layout if layout is None else _check_layout(layout))
+        self.layouts[name] = chosen
+        self.register_buffer(name, _to_layout(W.detach(), chosen))
+
+    def _set_bias(self, bias: Any, out: int, dtype: torch.dtype, device: Any) -> None:
+        if bias is None or bias is False:
+            self.register_buffer("bias", None)
+            return
+        if bias is True:
+            b = torch.zeros(out, dtype=dtype, device=device)
+        else:
+            b = _as_torch(bias, dtype, device).reshape(-1)
+            if b.layout is torch.sparse_csr:  # pragma: no cover - a 1-D bias is never CSR
+                b = b.to_dense()
+            if b.numel() != out:
+                raise ValueError(f"bias has {b.numel()} entries, expected {out}")
+        self.register_buffer("bias", b.to(dtype))
+
+    def factor(self, name: str) -> torch.Tensor:
+        """Factor ``name`` as a dense tensor."""
+        W = getattr(self, name)
+        return W.to_dense() if W.layout is torch.sparse_csr else W
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros over all factors (zeros of the dense layout not counted)."""
+        return sum(_nnz(getattr(self, n)) for n in self._factor_names)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return getattr(self, self._factor_names[0]).dtype
+
+    def _bias_bytes(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the equivalent dense layer (weight + bias) in this module's dtype."""
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return math.prod(self._dense_weight_shape()) * itemsize + self._bias_bytes()
+
+    @property
+    def compressed_bytes(self) -> int:
+        """Bytes of the compact form written by ``save_compressed`` (factors + bias).
+
+        Each factor counts as CSR with int32 indices (``nnz * (itemsize + 4) + (rows + 1) * 4``),
+        or as dense if that is smaller; this does not depend on the runtime layout.
+        """
+        total = self._bias_bytes()
+        for n in self._factor_names:
+            W = getattr(self, n)
+            total += _storage_bytes(_nnz(W), tuple(W.shape), W.element_size())[1]
+        return total
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- torch plumbing for CSR buffers
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in (*self._factor_names, "bias"):
+            key = prefix + name
+            current = getattr(self, name)
+            if key not in state_dict:
+                if current is not None and strict:
+                    missing_keys.append(key)
+                continue
+            incoming = state_dict[key]
+            if current is None:
+                if incoming is not None:
+                    unexpected_keys.append(key)
+                continue
+            if tuple(incoming.shape) != tuple(current.shape):
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a tensor of shape {tuple(incoming.shape)}, "
+                    f"the module has {tuple(current.shape)}"
+                )
+                continue
+            with torch.no_grad():
+                value = incoming.detach().to(device=current.device, dtype=current.dtype)
+                if name == "bias":
+                    current.copy_(value)
+                else:
+                    self._set_factor(name, value, self.layouts[name])
+        if strict:
+            known = {prefix + n for n in (*self._factor_names, "bias")}
+            for key in state_dict:
+                if key.startswith(prefix) and key not in known and "." not in key[len(prefix):]:
+                    unexpected_keys.append(key)
+
+    def __deepcopy__(self, memo):
+        sparse = {k: b for k, b in self._buffers.items() if b is not None and b.layout is torch.sparse_csr}
+        for k in sparse:
+            self._buffers[k] = None
+        try:
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        finally:
+            for k, b in sparse.items():
+                self._buffers[k] = b
+        for k, b in sparse.items():
+            new._buffers[k] = torch.sparse_csr_tensor(
+                b.crow_indices().clone(), b.col_indices().clone(), b.values().clone(), size=b.shape
+            )
+        return new
+
+    def extra_repr(self) -> str:
+        lay = ", ".join(f"{n}={self.layouts.get(n, '?')}" for n in self._factor_names)
+        return f"{self._shape_repr()}, bias={self.bias is not None}, layout=({lay}), nnz={self.nnz}"
+
+    def _shape_repr(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _empty_factor(shape: tuple[int, int], dtype, device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype if dtype is not None else torch.get_default_dtype(), device=device)
+
+
+# ---------------------------------------------------------------------------- linear
+class DoubleSparseLinear(_FactorModule):
+    """``y = x (A B)ᵀ + bias`` with sparse ``A`` (out x k) and ``B`` (k x in), never forming ``A B``.
+
+    Parameters
+    ----------
+    in_features, out_features, inner_features : int
+        ``n``, ``m`` and the inner dimension ``k``. The constructor makes all-zero factors (to be
+        filled by ``load_state_dict`` / ``load_compressed``); use :meth:`from_factors` or
+        :meth:`from_estimator` to build from data.
+    bias : bool
+    layout : {"auto", "csr", "dense"}
+        Runtime storage of each factor; ``auto`` applies :func:`choose_layout` per factor
+        (rule and measurements in the module docstring).
+    dtype, device : torch dtype and device of factors and bias.
+
+    Attributes
+    ----------
+    A, B : buffers, CSR or dense tensors; ``layouts`` maps ``"A"``/``"B"`` to the chosen layout.
+    bias : buffer or None.
+    nnz, dense_bytes, compressed_bytes : properties.
+    """
+
+    _factor_names = ("A", "B")
+
+    def __init__(self, in_features: int, out_features: int, inner_features: int, bias: bool = True, *,
+                 layout: str = "auto", dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__(layout)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.inner_features = int(inner_features)
+        self._set_factor("A", _empty_factor((self.out_features, self.inner_features), dtype, device))
+        self._set_factor("B", _empty_factor((self.inner_features, self.in_features), dtype, device))
+        self._set_bias(bool(bias), self.out_features, self.A.dtype, self.A.device)
+
+    @classmethod
+    def from_factors(cls, A: Any, B: Any, bias: Any = None, *, layout: str = "auto",
+                     dtype: torch.dtype | None = None, device: Any = None) -> DoubleSparseLinear:
+        """Build from ``A`` (out x k) and ``B`` (k x in): NumPy, SciPy sparse or torch tensors."""
+        At = _as_torch(A, dtype, device)
+        Bt = _as_torch(B, At.dtype, At.device)
+        if At.ndim != 2 or Bt.ndim != 2 or At.shape[1] != Bt.shape[0]:
+            raise ValueError(f"A {tuple(At.shape)} and B {tuple(Bt.shape)} are not (out, k) and (k, in)")
+        module = cls.__new__(cls)
+        _FactorModule.__init__(module, layout)
+        module.out_features, module.inner_features = int(At.shape[0]), int(At.shape[1])
+        module.in_features = int(Bt.shape[1])
+        module._set_factor("A", At)
+        module._set_factor("B", Bt)
+        module._set_bias(bias, module.out_features, At.dtype, At.device)
+        return module
+
+    @classmethod
+    def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseLinear:
+        """Build from a fitted :class:`~sparsefact.DoubleSparseFactorization` (its ``A_``, ``B_``)."""
+        if not (hasattr(est, "A_") and hasattr(est, "B_")):
+            raise ValueError(f"{type(est).__name__} is not a fitted DoubleSparseFactorization (no A_/B_)")
+        return cls.from_factors(_host(est.A_), _host(est.B_), bias, **kw)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``A @ B`` of shape (out_features, in_features)."""
+        return self.factor("A") @ self.factor("B")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _chain_linear(x.reshape(-1, self.in_features), [self.B, self.A])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def _shape_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"inner_features={self.inner_features}")
+
+
+class SparseLinear(_FactorModule):
+    """``y = x Wᵀ + bias`` with a single sparse ``weight`` (out x in): the single-sparse baselines.
+
+    Same layouts, buffers and byte accounting as :class:`DoubleSparseLinear`.
+    """
+
+    _factor_names = ("weight",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layout: str = "auto",
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__(layout)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self._set_factor("weight", _empty_factor((self.out_features, self.in_features), dtype, device))
+        self._set_bias(bool(bias), self.out_features, self.weight.dtype, self.weight.device)
+
+    @classmethod
+    def from_weight(cls, W_sparse: Any, bias: Any = None, *, layout: str = "auto",
+                    dtype: torch.dtype | None = None, device: Any = None) -> SparseLinear:
+        """Build from a (out x in) NumPy, SciPy sparse or torch weight."""
+        Wt = _as_torch(W_sparse, dtype, device)
+        if Wt.ndim != 2:
+            raise ValueError(f"weight must be 2-D, got shape {tuple(Wt.shape)}")
+        module = cls.__new__(cls)
+        _FactorModule.__init__(module, layout)
+        module.out_features, module.in_features = int(Wt.shape[0]), int(Wt.shape[1])
+        module._set_factor("weight", Wt)
+        module._set_bias(bias, module.out_features, Wt.dtype, Wt.device)
+        return module
+
+    @classmethod
+    def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> SparseLinear:
+        """Build from a fitted single-sparse compressor (its ``weight_``, e.g. MagnitudePruning)."""
+        if not hasattr(est, "weight_"):
+            raise ValueError(f"{type(est).__name__} is not a fitted single-sparse compressor (no weight_)")
+        return cls.from_weight(_host(est.weight_), bias, **kw)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _chain_linear(x.reshape(-1, self.in_features), [self.weight])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def _shape_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# ---------------------------------------------------------------------------- conv
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(u) for u in v)
+    if len(t) != 2:
+        raise ValueError(f"{what} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _conv_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' needs symmetric padding (odd effective kernel size)")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding, "padding")
+
+
+class DoubleSparseConv2d(_FactorModule):
+    """Conv2d in DSF form: conv (kh x kw, C_in -> k, stride, padding, dilation) then 1x1 conv (k -> out).
+
+    ``B`` (k x C_in*kh*kw) is the first conv's weight in torch's ``weight.flatten(1)`` order and
+    ``A`` (out x k) the 1x1 conv's weight, so ``(A @ B).reshape(out, C_in, kh, kw)`` is the
+    equivalent dense kernel. groups=1 and zero padding only. A dense-layout factor runs as
+    ``F.conv2d``; a CSR factor runs on the unfolded (im2col) input.
+    """
+
+    _factor_names = ("A", "B")
+
+    def __init__(self, in_channels: int, out_channels: int, inner_channels: int, kernel_size: Any,
+                 stride: Any = 1, padding: Any = 0, dilation: Any = 1, bias: bool = True, *,
+                 layout: str = "auto", dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__(layout)
+        self._init_geometry(in_channels, out_channels, inner_channels, kernel_size, stride, padding, dilation)
+        ckk = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._set_factor("A", _empty_factor((self.out_channels, self.inner_channels), dtype, device))
+        self._set_factor("B", _empty_factor((self.inner_channels, ckk), dtype, device))
+        self._set_bias(bool(bias), self.out_channels, self.A.dtype, self.A.device)
+
+    def _init_geometry(self, cin, cout, k, kernel_size, stride, padding, dilation) -> None:
+        self.in_channels, self.out_channels, self.inner_channels = int(cin), int(cout), int(k)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        self.padding = _conv_padding(padding, self.kernel_size, self.dilation)
+
+    @classmethod
+    def from_factors(cls, A: Any, B: Any, bias: Any = None, *, kernel_size: Any, stride: Any = 1,
+                     padding: Any = 0, dilation: Any = 1, layout: str = "auto",
+                     dtype: torch.dtype | None = None, device: Any = None) -> DoubleSparseConv2d:
+        """Build from ``A`` (out x k) and ``B`` (k x C_in*kh*kw, ``weight.flatten(1)`` order)."""
+        At = _as_torch(A, dtype, device)
+        Bt = _as_torch(B, At.dtype, At.device)
+        if At.ndim != 2 or Bt.ndim != 2 or At.shape[1] != Bt.shape[0]:
+            raise ValueError(f"A {tuple(At.shape)} and B {tuple(Bt.shape)} are not (out, k) and (k, C*kh*kw)")
+        kh, kw = _pair(kernel_size, "kernel_size")
+        if Bt.shape[1] % (kh * kw):
+            raise ValueError(f"B has {Bt.shape[1]} columns, not a multiple of kernel size {kh}x{kw}")
+        module = cls.__new__(cls)
+        _FactorModule.__init__(module, layout)
+        module._init_geometry(Bt.shape[1] // (kh * kw), At.shape[0], At.shape[1], (kh, kw),
+                              stride, padding, dilation)
+        module._set_factor("A", At)
+        module._set_factor("B", Bt)
+        module._set_bias(bias, module.out_channels, At.dtype, At.device)
+        return module
+
+    @classmethod
+    def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseConv2d:
+        """Build from a DSF fitted to ``conv.weight.flatten(1)``; conv geometry as keywords."""
+        if not (hasattr(est, "A_") and hasattr(est, "B_")):
+            raise ValueError(f"{type(est).__name__} is not a fitted DoubleSparseFactorization (no A_/B_)")
+        return cls.from_factors(_host(est.A_), _host(est.B_), bias, **kw)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense kernel ``(A @ B).reshape(out, C_in, kh, kw)``."""
+        return (self.factor("A") @ self.factor("B")).reshape(
+            self.out_channels, self.in_channels, *self.kernel_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        n = x.shape[0]
+        kh, kw = self.kernel_size
+        ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        A, B = self.A, self.B
+        # stage 1: h in NCHW (dense conv) or in column form (k, N*L) (CSR on im2col).
+        if B.layout is torch.sparse_csr:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, Ckk, L)
+            h_cols = _matmul_cols(B, cols.transpose(0, 1).reshape(cols.shape[1], -1))
+            h = None
+        else:
+            h = F.conv2d(x, B.reshape(self.inner_channels, self.in_channels, kh, kw), None,
+                         self.stride, self.padding, self.dilation)
+        # stage 2: 1x1 conv by A.
+        if A.layout is not torch.sparse_csr and h is not None:
+            y = F.conv2d(h, A.reshape(self.out_channels, self.inner_channels, 1, 1), self.bias)
+        else:
+            if h is not None:
+                h_cols = h.transpose(0, 1).reshape(self.inner_channels, -1)
+            y_cols = _matmul_cols(A, h_cols)  # (out, N*L)
+            if self.bias is not None:
+                y_cols = y_cols + self.bias[:, None]
+            y = y_cols.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
+        return y.squeeze(0) if unbatched else y
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _shape_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, inner_channels={self.inner_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}")
+
+
+# ---------------------------------------------------------------------------- utilities
+def _host(M: Any) -> Any:
+    """A CuPy array / cupyx sparse matrix copied to the host; anything else unchanged."""
+    if hasattr(M, "get") and type(M).__module__.startswith("cupy"):  # pragma: no cover - needs a GPU
+        return M.get()
+    return M
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
+    """Set the submodule at dotted ``name`` (e.g. ``"encoder.layers.0.fc1"``) to ``new_module``.
+
+    Returns the module that was replaced. Raises ``ValueError`` if ``name`` does not exist.
+    """
+    if not name:
+        raise ValueError("cannot replace the root module (empty name)")
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = parent.get_submodule(child)
+    except AttributeError as exc:
+        raise ValueError(f"model has no submodule {name!r}") from exc
+    setattr(parent, child, new_module)
+    return old
