@@ -118,7 +118,61 @@ def sparse_least_squares(
         counters.inverse_flops += float(k) ** 3 * (1 if rho0 == rho else 2)
         counters.add_matmul((k, k), width)
         counters.elementwise_entries += 3.0 * k * width
-    mask = None
+
+    def solve(rhs_next: Any) -> Any:
+        if counters is not None:
+            counters.add_matmul((k, k), width)
+        return engine.matmul(inverse, rhs_next)
+
+    z, u = admm_loop(
+        engine, solve, cross_n, y, u, None,
+        threshold_index=threshold_index, rho=rho, n_iter=n_iter, mask_iter=mask_iter,
+        scope=scope, counters=counters,
+    )
+    return engine.unscale_rows(z, scale), engine.unscale_rows(u, scale)
+
+
+def admm_loop(
+    engine: Any,
+    solve: Any,
+    cross: Any,
+    y: Any,
+    u: Any,
+    mask: Any,
+    *,
+    threshold_index: int = 0,
+    rho: float = 1.0,
+    n_iter: int = 5,
+    mask_iter: int = 2,
+    scope: str = "global",
+    counters: SolverCounters | None = None,
+) -> tuple[Any, Any]:
+    """The ADMM iterations shared by every solver: z-step, u-step, x-step.
+
+    Each iteration computes ``v = y + u``; in the first ``mask_iter`` iterations it
+    re-selects ``mask = |v| > tau`` (``tau`` at ``threshold_index`` of the sorted
+    magnitudes, per ``scope``); then ``z = v * mask``, ``u = v - z`` and, except in the
+    last iteration (whose x-step result would be discarded), ``y = solve(cross +
+    rho (z - u))``.
+
+    Parameters
+    ----------
+    engine : ArrayAPIEngine
+    solve : callable
+        ``rhs -> (system + rho I)^-1 rhs`` in whatever form the caller factorised.
+    cross, y, u : arrays of the unknown's shape
+        Right-hand side term, first x-iterate, scaled dual (consumed).
+    mask : bool array or None
+        Fixed support when ``mask_iter == 0``.
+
+    Returns
+    -------
+    z, u : arrays
+        Final sparse iterate and scaled dual.
+    """
+    if mask_iter < 1 and mask is None:
+        raise ValueError("a mask is needed when mask_iter is 0")
+    rows, cols = cross.shape
     for i in range(n_iter):
         last = i == n_iter - 1
         if i < mask_iter:
@@ -128,21 +182,17 @@ def sparse_least_squares(
                 v = engine.add(y, u)
                 select = engine.column_kth_smallest_abs if scope == "column" else engine.row_kth_smallest_abs
                 tau = select(v, threshold_index)
-            mask, u, out = engine.admm_update(v, u, cross_n, mask, rho, last, tau, True)
+            mask, u, out = engine.admm_update(v, u, cross, mask, rho, last, tau, True)
             if counters is not None:
                 counters.selections += 1
-                counters.elementwise_entries += k * width
+                counters.elementwise_entries += rows * cols
         else:
-            mask, u, out = engine.admm_update(y, u, cross_n, mask, rho, last)
+            mask, u, out = engine.admm_update(y, u, cross, mask, rho, last)
         if counters is not None:
-            counters.elementwise_entries += k * width
+            counters.elementwise_entries += rows * cols
         if not last:
-            y = engine.matmul(inverse, out)
-            if counters is not None:
-                counters.add_matmul((k, k), width)
-    z = engine.unscale_rows(out, scale)
-    u = engine.unscale_rows(u, scale)
-    return z, u
+            y = solve(out)
+    return out, u
 
 
 def masked_least_squares(
@@ -195,13 +245,12 @@ def masked_least_squares(
     k, width = cross.shape
     if counters is not None:
         counters.inverse_flops += float(k) ** 3
-    for i in range(n_iter):
-        last = i == n_iter - 1
-        mask, u, out = engine.admm_update(y, u, cross_n, mask, rho, last)
+    def solve(rhs_next: Any) -> Any:
         if counters is not None:
-            counters.elementwise_entries += k * width
-        if not last:
-            y = engine.matmul(inverse, out)
-            if counters is not None:
-                counters.add_matmul((k, k), width)
-    return engine.unscale_rows(out, scale)
+            counters.add_matmul((k, k), width)
+        return engine.matmul(inverse, rhs_next)
+
+    z, _ = admm_loop(
+        engine, solve, cross_n, y, u, mask, rho=rho, n_iter=n_iter, mask_iter=0, counters=counters
+    )
+    return engine.unscale_rows(z, scale)
