@@ -1,0 +1,279 @@
+"""Engines: the Numba CPU kernels against NumPy and the portable array-API engine, engine
+selection, and whole fits under numpy_numba, array_api and array_api_strict."""
+
+from __future__ import annotations
+
+import array_api_compat
+import array_api_compat.numpy as np_compat
+import numba
+import numpy as np
+import pytest
+from _data import gaussian, scaled_activations
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import sparsefact
+from sparsefact import DoubleSparseFactorization
+from sparsefact.backends import ArrayAPIEngine, get_engine, resolve_backend_name
+from sparsefact.backends.cupy_backend import gpu_available
+from sparsefact.backends.numpy_numba import NumpyNumbaEngine
+
+DTYPES = [np.float32, np.float64]
+NUMBA = NumpyNumbaEngine()
+PORTABLE = ArrayAPIEngine(np_compat)
+
+
+def _values(dtype):
+    """Matrices with negative numbers, signed zeros, ties and subnormals."""
+    width = np.dtype(dtype).itemsize * 8
+    tiny = float(np.finfo(dtype).smallest_normal)
+    elements = st.one_of(
+        st.floats(-1e3, 1e3, width=width),
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5]),
+        st.floats(-tiny, tiny, width=width),  # subnormals
+    )
+    return arrays(dtype, st.tuples(st.integers(1, 30), st.integers(1, 30)), elements=elements)
+
+
+@pytest.fixture
+def two_threads():
+    """Run the parallel Numba kernels with two threads (the suite runs with one)."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield
+    numba.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- selection
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_kth_smallest_abs_equals_sort(dtype, data):
+    v = data.draw(_values(dtype))
+    j = data.draw(st.integers(0, v.size - 1))
+    expected = np.sort(np.abs(v), axis=None)[j]
+    assert NUMBA.kth_smallest_abs(v, j) == expected
+    assert PORTABLE.kth_smallest_abs(v, j) == expected
+    # add_and_select: y += u fused with the selection.
+    u = data.draw(arrays(dtype, v.shape, elements=st.floats(-10, 10, width=np.dtype(dtype).itemsize * 8)))
+    total = v + u
+    y_sum, tau = NUMBA.add_and_select(v.copy(), u.copy(), j)
+    np.testing.assert_array_equal(y_sum, total)
+    assert tau == np.sort(np.abs(total), axis=None)[j]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kth_smallest_abs_large_parallel(dtype, two_threads):
+    """Several chunks of the parallel histogram, with heavy ties."""
+    rng = np.random.default_rng(0)
+    v = rng.integers(-50, 50, size=(500, 400)).astype(dtype) * dtype(0.25)
+    v[::7] = -v[::7]
+    engine = NumpyNumbaEngine()
+    assert engine.n_threads == min(2, numba.config.NUMBA_NUM_THREADS)
+    reference = np.sort(np.abs(v), axis=None)
+    for j in (0, 1, 12345, v.size // 2, v.size - 2, v.size - 1):
+        assert engine.kth_smallest_abs(v, j) == reference[j]
+        y, tau = engine.add_and_select(v.copy(), -v[::-1].copy(), j)
+        assert tau == np.sort(np.abs(v - v[::-1]), axis=None)[j]
+
+
+def test_kth_smallest_abs_non_contiguous():
+    v = gaussian(40, 30)[:, ::3]
+    assert NUMBA.kth_smallest_abs(v, 17) == np.sort(np.abs(v), axis=None)[17]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_and_row_selection(dtype):
+    v = gaussian(12, 9, dtype)
+    np.testing.assert_array_equal(PORTABLE.column_kth_smallest_abs(v, 4), np.sort(np.abs(v), axis=0)[4:5])
+    np.testing.assert_array_equal(PORTABLE.row_kth_smallest_abs(v, 4), np.sort(np.abs(v), axis=1)[:, 4:5])
+
+
+# ---------------------------------------------------------------- solves
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 193, 300])
+@pytest.mark.parametrize("method", ["block", "cholesky"])
+def test_spd_inverse_equals_numpy_inverse(dtype, k, method):
+    F = gaussian(k + 5, k, dtype)
+    G = F.T @ F
+    G /= np.mean(np.diag(G))
+    shift = 0.5
+    engine = NumpyNumbaEngine()
+    engine.inverse_method = method
+    G_before = G.copy()
+    inverse = engine.spd_inverse(G, shift)
+    assert inverse.dtype == dtype and inverse.shape == (k, k)
+    np.testing.assert_array_equal(G, G_before)
+    expected = np.linalg.inv(G.astype(np.float64) + shift * np.eye(k))
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(inverse, expected, rtol=tol, atol=tol * np.abs(expected).max())
+    np.testing.assert_array_equal(inverse, inverse.T)
+    np.testing.assert_allclose(
+        PORTABLE.spd_inverse(G, shift), expected, rtol=tol, atol=tol * np.abs(expected).max()
+    )
+
+
+# ---------------------------------------------------------------- element-wise kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("refresh", [True, False])
+@pytest.mark.parametrize("last", [True, False])
+@pytest.mark.parametrize("y_is_sum", [True, False])
+def test_admm_update_matches_portable_engine(dtype, refresh, last, y_is_sum, two_threads):
+    rng = np.random.default_rng(1)
+    y, u, cross = (rng.standard_normal((33, 47)).astype(dtype) for _ in range(3))
+    y[0, :5] = 0.0
+    mask = rng.random((33, 47)) < 0.4
+    tau = float(np.sort(np.abs(y + u), axis=None)[900]) if refresh else None
+    args = (1.3, last, tau, y_is_sum)
+    # The Numba engine works in place: give each engine its own copies.
+    m_n, u_n, out_n = NUMBA.admm_update(y.copy(), u.copy(), cross.copy(), mask.copy(), *args)
+    m_p, u_p, out_p = PORTABLE.admm_update(y.copy(), u.copy(), cross.copy(), mask.copy(), *args)
+    np.testing.assert_array_equal(m_n, m_p)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(u_n, u_p, rtol=tol, atol=tol)
+    np.testing.assert_allclose(out_n, out_p, rtol=tol, atol=tol)
+    assert out_n.dtype == dtype and u_n.dtype == dtype
+    if refresh:
+        v = y if y_is_sum else y + u
+        np.testing.assert_array_equal(m_n, np.abs(v) > tau)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_other_kernels_match_portable_engine(dtype, two_threads):
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.standard_normal((21, 34)).astype(dtype) for _ in range(3))
+    scale = (rng.random(21) + 0.5).astype(dtype)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+
+    def same(x, y):
+        assert x.dtype == y.dtype == dtype
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+    same(NUMBA.add(a.copy(), b.copy()), PORTABLE.add(a.copy(), b.copy()))
+    same(NUMBA.scale_rows(a.copy(), scale), PORTABLE.scale_rows(a.copy(), scale))
+    same(NUMBA.unscale_rows(a.copy(), scale), PORTABLE.unscale_rows(a.copy(), scale))
+    for x, y in zip(
+        NUMBA.warm_start(a.copy(), b.copy(), c.copy(), scale, 0.7),
+        PORTABLE.warm_start(a.copy(), b.copy(), c.copy(), scale, 0.7),
+        strict=True,
+    ):
+        same(x, y)
+    tau = float(np.median(np.abs(a)))
+    np.testing.assert_array_equal(NUMBA.magnitude_prune(a, tau), PORTABLE.magnitude_prune(a, tau))
+    same(NUMBA.row_norms(a), PORTABLE.row_norms(a))
+    same(NUMBA.col_norms(a), PORTABLE.col_norms(a))
+    square = a[:, :21].copy()
+    same(NUMBA.add_to_diagonal(square, 2.0), PORTABLE.add_to_diagonal(square, 2.0))
+    same(NUMBA.diag(square), PORTABLE.diag(square))
+    # Functional kernels leave their inputs alone.
+    a_before = a.copy()
+    NUMBA.magnitude_prune(a, tau)
+    NUMBA.row_norms(a)
+    np.testing.assert_array_equal(a, a_before)
+
+
+# ---------------------------------------------------------------- engine selection
+def test_backend_resolution_order(monkeypatch):
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    xps = pytest.importorskip("array_api_strict")
+    assert resolve_backend_name("auto", np_compat) == "numpy_numba"
+    assert resolve_backend_name(None, xps) == "array_api"
+    monkeypatch.setenv("SPARSEFACT_BACKEND", "array_api")
+    assert resolve_backend_name("auto", np_compat) == "array_api"
+    with sparsefact.config_context(backend="numpy_numba"):
+        assert resolve_backend_name("auto", np_compat) == "numpy_numba"
+        assert sparsefact.get_config()["backend"] == "numpy_numba"
+        assert resolve_backend_name("array_api", np_compat) == "array_api"
+    assert sparsefact.get_config()["backend"] is None
+    monkeypatch.setenv("SPARSEFACT_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend_name("auto", np_compat)
+
+
+def test_backend_mismatches_are_explained(monkeypatch):
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    xps = pytest.importorskip("array_api_strict")
+    with pytest.raises(ValueError, match="backend='numpy_numba' needs NumPy input arrays"):
+        get_engine("numpy_numba", xps)
+    with pytest.raises(ValueError, match="backend='cupy' needs CuPy input arrays"):
+        get_engine("cupy", np_compat)
+    assert isinstance(get_engine("auto", np_compat), NumpyNumbaEngine)
+    assert type(get_engine("array_api", np_compat)) is ArrayAPIEngine
+
+
+def test_config_context_selects_the_engine_of_a_fit(monkeypatch):
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    W = gaussian(16, 16)
+    with sparsefact.config_context(backend="array_api"):
+        assert DoubleSparseFactorization(max_iter=3, tol=0).fit(W).backend_ == "array_api"
+        assert DoubleSparseFactorization(max_iter=3, tol=0, backend="numpy_numba").fit(W).backend_ == (
+            "numpy_numba"
+        )
+    assert DoubleSparseFactorization(max_iter=3, tol=0).fit(W).backend_ == "numpy_numba"
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
+def test_cupy_engine_without_gpu():
+    from sparsefact.backends.cupy_backend import CupyEngine
+
+    with pytest.raises(RuntimeError, match="cupy.cuda.is_available"):
+        CupyEngine()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
+def test_cupy_fit_matches_cpu():  # pragma: no cover - needs a GPU
+    import cupy
+
+    W = gaussian(48, 64)
+    cpu = DoubleSparseFactorization(max_iter=10, tol=0).fit(W)
+    gpu = DoubleSparseFactorization(max_iter=10, tol=0).fit(cupy.asarray(W))
+    assert gpu.backend_ == "cupy"
+    np.testing.assert_allclose(cupy.asnumpy(gpu.reconstruct()), cpu.reconstruct(), rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------- whole fits
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_numba_and_portable_engines_agree_in_float64(calibrated):
+    W = gaussian(48, 64)
+    X = scaled_activations(100, 64, spread=1.0) if calibrated else None
+    fast = DoubleSparseFactorization(max_iter=10, tol=0, backend="numpy_numba").fit(W, X)
+    portable = DoubleSparseFactorization(max_iter=10, tol=0, backend="array_api").fit(W, X)
+    assert (fast.backend_, portable.backend_) == ("numpy_numba", "array_api")
+    np.testing.assert_allclose(fast.A_.toarray(), portable.A_.toarray(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fast.B_.toarray(), portable.B_.toarray(), rtol=1e-10, atol=1e-10)
+    assert fast.calibrated_err_ == pytest.approx(portable.calibrated_err_, rel=1e-10)
+    np.testing.assert_allclose(fast.transform(W), portable.transform(W), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["numpy_numba", "array_api"])
+def test_float32_stays_float32(backend):
+    W = gaussian(40, 24, np.float32)
+    est = DoubleSparseFactorization(max_iter=6, tol=0, backend=backend).fit(W, scaled_activations(50, 24))
+    assert est.A_.dtype == np.float32 and est.B_.dtype == np.float32
+    assert est.reconstruct().dtype == np.float32
+    assert est.transform(W).dtype == np.float32
+    assert est.inverse_transform(est.transform(W)).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_array_api_strict_fit_stays_in_its_namespace(dtype_name):
+    xps = pytest.importorskip("array_api_strict")
+    dtype = getattr(xps, dtype_name)
+    W_np = gaussian(20, 28, getattr(np, dtype_name))
+    X_np = scaled_activations(40, 28, spread=1.0).astype(getattr(np, dtype_name))
+    W, X = xps.asarray(W_np), xps.asarray(X_np)
+    est = DoubleSparseFactorization(max_iter=6, tol=0).fit(W, X)
+    assert est.backend_ == "array_api"
+    W_hat = est.reconstruct()
+    assert array_api_compat.array_namespace(W_hat) is xps
+    assert W_hat.dtype == dtype and W_hat.shape == (20, 28)
+    codes = est.transform(W)
+    assert array_api_compat.array_namespace(codes) is xps and codes.dtype == dtype
+    back = est.inverse_transform(codes)
+    assert array_api_compat.array_namespace(back) is xps and back.shape == (20, 28)
+    # Same numbers as the NumPy fit.
+    reference = DoubleSparseFactorization(max_iter=6, tol=0, backend="array_api").fit(W_np, X_np)
+    tol = 1e-4 if dtype_name == "float32" else 1e-10
+    np.testing.assert_allclose(np.asarray(W_hat), reference.reconstruct(), rtol=tol, atol=tol)
+    assert est.calibrated_err_ == pytest.approx(reference.calibrated_err_, rel=tol)
