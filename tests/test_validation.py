@@ -194,3 +194,19 @@ def test_check_scalar_count(value, error):
     with pytest.raises(error, match="iterations must be"):
         check_scalar_count(value, "iterations")
     assert check_scalar_count(np.int64(3), "iterations") == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dsf.py: the stated minimum density (rounded to 4 decimals, and density*m*n "
+    "floored in floating point) is itself rejected for some shapes, e.g. 6x9",
+)
+def test_stated_minimum_density_is_accepted():
+    import re
+
+    from sparsefact.dsf import plan_budgets
+
+    with pytest.raises(ValueError, match="minimum density is") as info:
+        plan_budgets(6, 9, 0.1)
+    stated = float(re.search(r"minimum density is ([0-9.]+)", str(info.value)).group(1))
+    plan_budgets(6, 9, stated)
