@@ -1,0 +1,281 @@
+"""save_compressed / load_compressed / compression_report (torch + safetensors; skipped without them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+nn = torch.nn
+
+from sparsefact import DoubleSparseFactorization, MagnitudePruning  # noqa: E402
+from sparsefact.nn_adapters import (  # noqa: E402
+    DoubleSparseConv2d,
+    DoubleSparseLinear,
+    SparseLinear,
+    compression_report,
+    load_compressed,
+    replace_module,
+    save_compressed,
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Sparse CSR tensor support is in beta:UserWarning",
+    "ignore:Sparse invariant checks:UserWarning",
+    "ignore::sklearn.exceptions.ConvergenceWarning",
+)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """(N, 12) -> Linear -> ReLU -> Linear -> (N, 1, 4, 4) -> Conv -> BN -> ReLU -> Conv -> Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.Unflatten(1, (1, 4, 4)),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 3, 3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
+
+
+def _dsf(W, density=0.5):
+    return DoubleSparseFactorization(density, max_iter=3, random_state=0).fit(W)
+
+
+@pytest.fixture(scope="module")
+def compressed_model():
+    """make_model(0) with Linear '2' -> DSF (csr), Conv '7' -> DSF conv (dense), Linear '9' -> sparse."""
+    torch.set_num_threads(1)
+    model = make_model(0)
+    with torch.no_grad():  # non-default BatchNorm state, so buffers must really be saved
+        model[5].running_mean.uniform_(-1, 1)
+        model[5].running_var.uniform_(0.5, 2)
+        model[5].num_batches_tracked.fill_(7)
+    lin = model[2]
+    est = _dsf(lin.weight.detach().numpy())
+    replace_module(model, "2", DoubleSparseLinear.from_estimator(est, lin.bias.detach(), layout="csr"))
+    conv = model[7]
+    est_c = _dsf(conv.weight.detach().flatten(1).numpy())
+    replace_module(model, "7", DoubleSparseConv2d.from_estimator(
+        est_c, conv.bias.detach(), kernel_size=3, stride=2, padding=1, layout="dense"))
+    last = model[9]
+    mp = MagnitudePruning(0.4).fit(last.weight.detach().numpy())
+    replace_module(model, "9", SparseLinear.from_estimator(mp, last.bias.detach(), layout="csr"))
+    return model.eval()
+
+
+def test_round_trip_identical_outputs(compressed_model, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_compressed(compressed_model, path)
+    x = torch.randn(4, 12)
+    loaded = load_compressed(lambda: make_model(1), path).eval()  # other seed: every tensor must load
+    assert isinstance(loaded[2], DoubleSparseLinear) and loaded[2].layouts == {"A": "csr", "B": "csr"}
+    assert isinstance(loaded[7], DoubleSparseConv2d) and loaded[7].layouts == {"A": "dense", "B": "dense"}
+    assert loaded[7].stride == (2, 2) and loaded[7].padding == (1, 1)
+    assert isinstance(loaded[9], SparseLinear)
+    assert int(loaded[5].num_batches_tracked) == 7
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed_model(x))
+    # a model instance works as well as a factory
+    again = load_compressed(make_model(2), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), compressed_model(x))
+
+
+def test_file_contents_and_metadata(compressed_model, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_compressed(compressed_model, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        keys = set(fh.keys())
+    assert meta["format"] == "sparsefact" and meta["format_version"] == "1"
+    config = json.loads(meta["config"])
+    names = [m["name"] for m in config["modules"]]
+    assert names == ["2", "7", "9"]
+    conv = config["modules"][1]
+    assert conv["class"] == "DoubleSparseConv2d"
+    assert conv["kernel_size"] == [3, 3] and conv["stride"] == [2, 2]
+    assert conv["dtype"] == "float32"
+    assert "2.A.crow_indices" in keys and "2.A.values" in keys and "2.bias" in keys
+    assert "0.weight" in keys and "5.running_var" in keys
+    assert not any(k.startswith(("2.A", "9.weight")) and not k.endswith(("indices", "values")) for k in keys)
+    assert set(config["dense_keys"]) == {k for k in keys if not k.startswith(("2.", "7.", "9."))}
+
+
+def test_file_size_reflects_sparsity(tmp_path):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((128, 96)).astype(np.float32)
+    est = DoubleSparseFactorization(0.25, max_iter=2, random_state=0).fit(W)
+    for layout in ["csr", "dense"]:  # the runtime layout does not change what is written
+        bias = np.zeros(128, np.float32)
+        model = nn.Sequential(DoubleSparseLinear.from_estimator(est, bias, layout=layout))
+        path = tmp_path / f"{layout}.safetensors"
+        save_compressed(model, path)
+        dense_bytes = 128 * 96 * 4 + 128 * 4
+        size = os.path.getsize(path)
+        assert size < 0.6 * dense_bytes
+        report = compression_report(model)
+        assert report[0]["dense_bytes"] == dense_bytes
+        assert report[0]["compressed_bytes"] <= size < report[0]["compressed_bytes"] + 4096  # + header
+        assert report[-1]["name"] == "total"
+        assert report[0]["density"] == pytest.approx(est.density_)
+
+
+def test_compression_report_rows(compressed_model):
+    rows = compression_report(compressed_model)
+    assert [r["name"] for r in rows] == ["2", "7", "9", "total"]
+    assert rows[0]["dense_bytes"] == (16 * 16 + 16) * 4
+    assert rows[1]["dense_bytes"] == (3 * 6 * 9 + 3) * 4
+    assert rows[-1]["compressed_bytes"] == sum(r["compressed_bytes"] for r in rows[:-1])
+
+
+def test_float64_module_round_trip(tmp_path):
+    A = np.triu(np.ones((6, 4)))
+    B = np.eye(4, 5)
+    dsl = DoubleSparseLinear.from_factors(A, B, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 5).double(), dsl)
+    path = tmp_path / "f64.safetensors"
+    save_compressed(model, path)
+    loaded = load_compressed(lambda: nn.Sequential(nn.Linear(3, 5).double(), nn.Linear(5, 6).double()), path)
+    assert loaded[1].A.dtype == torch.float64 and loaded[1].bias is None
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(loaded(x), model(x))
+
+
+# ---------------------------------------------------------------------------- broken files
+def _rewrite(src, dst, *, tensors=None, metadata=None):
+    """Copy ``src`` to ``dst`` after editing its tensors / metadata dicts in place by callables."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as fh:
+        meta = dict(fh.metadata())
+        data = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if tensors is not None:
+        tensors(data)
+    if metadata is not None:
+        metadata(meta)
+    safetensors_torch.save_file(data, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.fixture
+def saved(compressed_model, tmp_path):
+    path = tmp_path / "ok.safetensors"
+    save_compressed(compressed_model, path)
+    return path
+
+
+def test_truncated_file(saved, tmp_path):
+    raw = saved.read_bytes()
+    for cut in (4, 100, len(raw) - 10):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="safetensors"):
+            load_compressed(make_model, bad)
+
+
+def test_tampered_header(saved, tmp_path):
+    raw = bytearray(saved.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n]
+    pos = header.index(b"{") + 1
+    raw[8 + pos] = ord("#")  # not JSON any more
+    bad = tmp_path / "header.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="safetensors"):
+        load_compressed(make_model, bad)
+    # header length pointing past the end of the file
+    raw2 = bytearray(saved.read_bytes())
+    raw2[:8] = (len(raw2) * 2).to_bytes(8, "little")
+    bad2 = tmp_path / "length.safetensors"
+    bad2.write_bytes(bytes(raw2))
+    with pytest.raises(ValueError, match="safetensors"):
+        load_compressed(make_model, bad2)
+
+
+def _edit_config(fn):
+    def edit(meta):
+        cfg = json.loads(meta["config"])
+        fn(cfg)
+        meta["config"] = json.dumps(cfg)
+
+    return edit
+
+
+def test_unknown_class(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "cls.safetensors",
+                   metadata=_edit_config(lambda c: c["modules"][0].update({"class": "Evil"})))
+    with pytest.raises(ValueError, match="unknown module class 'Evil'"):
+        load_compressed(make_model, bad)
+
+
+def test_missing_tensor(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "miss.safetensors", tensors=lambda t: t.pop("2.A.values"))
+    with pytest.raises(ValueError, match=r"missing tensor '2\.A\.values'"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "miss2.safetensors", tensors=lambda t: t.pop("5.running_mean"))
+    with pytest.raises(ValueError, match="missing tensor"):
+        load_compressed(make_model, bad)
+
+
+def test_wrong_shapes(saved, tmp_path):
+    def other_model():
+        m = make_model()
+        m[2] = nn.Linear(16, 20)
+        return m
+
+    with pytest.raises(ValueError, match="out_features"):
+        load_compressed(other_model, saved)
+
+    def other_dense():
+        m = make_model()
+        m[0] = nn.Linear(11, 16)
+        return m
+
+    with pytest.raises(ValueError, match=r"'0\.weight' has shape"):
+        load_compressed(other_dense, saved)
+    bad = _rewrite(saved, tmp_path / "crow.safetensors",
+                   tensors=lambda t: t.update({"2.A.crow_indices": t["2.A.crow_indices"][:-1].clone()}))
+    with pytest.raises(ValueError, match="crow_indices"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "col.safetensors",
+                   tensors=lambda t: t.update({"2.B.col_indices": t["2.B.col_indices"] + 100}))
+    with pytest.raises(ValueError, match="out of range"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "cfg.safetensors",
+                   metadata=_edit_config(lambda c: c["modules"][0].update({"inner_features": 3})))
+    with pytest.raises(ValueError, match="shape"):
+        load_compressed(make_model, bad)
+
+
+def test_not_a_sparsefact_file(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    safetensors_torch.save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a sparsefact file"):
+        load_compressed(make_model, path)
+    with pytest.raises(FileNotFoundError):
+        load_compressed(make_model, tmp_path / "nope.safetensors")
+
+
+def test_model_without_named_module(saved):
+    with pytest.raises(ValueError, match="no submodule"):
+        load_compressed(lambda: nn.Sequential(nn.Linear(12, 16)), saved)
