@@ -45,6 +45,7 @@ __all__ = [
     "MIN_WORDS",
     "calibration_and_heldout",
     "embed",
+    "embedding_agreement",
     "load_model",
     "load_text_model",
     "minilm_model_path",
@@ -210,3 +211,13 @@ def nearest_neighbour_agreement(reference: torch.Tensor, other: torch.Tensor) ->
         return S.argmax(1)
 
     return float((nearest(reference) == nearest(other)).float().mean())
+
+
+def embedding_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity of matching rows (mean, min) and :func:`nearest_neighbour_agreement`."""
+    cos = torch.nn.functional.cosine_similarity(reference.double(), other.double(), dim=1)
+    return {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "nn_agreement": nearest_neighbour_agreement(reference, other),
+    }
