@@ -324,7 +324,7 @@ def test_bytes_properties():
     A, B = _factors(64, 32, 48, 0.1)
     m = DoubleSparseLinear.from_factors(A, B, torch.zeros(64), layout="dense")
     assert m.dense_bytes == (64 * 48 + 64) * 4
-    csr_bytes = (A.nnz + B.nnz) * 8 + (64 + 1 + 32 + 1) * 4
+    csr_bytes = (A.nnz + B.nnz) * (4 + 2) + (64 + 1 + 32 + 1) * 4  # values, int16 cols, int32 rows
     assert m.compressed_bytes == csr_bytes + 64 * 4
     assert m.compressed_bytes < m.dense_bytes
     csr = DoubleSparseLinear.from_factors(A, B, torch.zeros(64), layout="csr")

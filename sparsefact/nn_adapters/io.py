@@ -6,9 +6,10 @@ Tensors, for every replaced module ``<name>`` (a :class:`DoubleSparseLinear`,
 :class:`DoubleSparseConv2d` or :class:`SparseLinear`) and each of its factors ``<f>``
 (``A``/``B`` or ``weight``):
 
-- ``<name>.<f>.crow_indices``, ``<name>.<f>.col_indices`` (int32, or int64 if needed),
-  ``<name>.<f>.values`` when the factor is stored as CSR, which is whenever that is smaller than
-  dense (density below about 1/2); otherwise ``<name>.<f>`` dense. The on-disk form does not depend
+- ``<name>.<f>.crow_indices`` (int32, int64 if needed), ``<name>.<f>.col_indices`` (int16 when
+  the factor has at most 32768 columns, else int32/int64), ``<name>.<f>.values`` when the factor
+  is stored as CSR, which is whenever that is smaller than dense (float32: density below about
+  2/3); otherwise ``<name>.<f>`` dense. The on-disk form does not depend
   on the runtime layout, so the file size reflects sparsity.
 - ``<name>.bias`` if the module has a bias.
 
@@ -41,6 +42,7 @@ from .modules import (
     DoubleSparseLinear,
     SparseLinear,
     _FactorModule,
+    _index_bytes,
     _storage_bytes,
     replace_module,
 )
@@ -130,10 +132,11 @@ def _factor_tensors(key: str, W: torch.Tensor) -> tuple[str, dict[str, torch.Ten
     if csr is None:
         csr = W.to(torch.float32).to_sparse_csr().to(W.dtype) if W.dtype in (torch.float16, torch.bfloat16) \
             else W.to_sparse_csr()
-    index_dtype = torch.int32 if max(nnz, W.shape[1], W.shape[0] + 1) < 2**31 else torch.int64
+    by_size = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    crow_bytes, col_bytes = _index_bytes(nnz, tuple(W.shape))
     return storage, {
-        f"{key}.crow_indices": csr.crow_indices().to(index_dtype).contiguous(),
-        f"{key}.col_indices": csr.col_indices().to(index_dtype).contiguous(),
+        f"{key}.crow_indices": csr.crow_indices().to(by_size[crow_bytes]).contiguous(),
+        f"{key}.col_indices": csr.col_indices().to(by_size[col_bytes]).contiguous(),
         f"{key}.values": csr.values().contiguous().clone(),
     }
 
@@ -234,8 +237,9 @@ def _read_factor(tensors, key: str, storage: str, shape: list[int], dtype: torch
     val = _take(tensors, f"{key}.values")
     if crow.ndim != 1 or col.ndim != 1 or val.ndim != 1:
         raise ValueError(f"CSR arrays of {key!r} must be 1-D")
-    if crow.dtype not in (torch.int32, torch.int64) or col.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"CSR indices of {key!r} must be int32/int64")
+    ints = (torch.int16, torch.int32, torch.int64)
+    if crow.dtype not in ints[1:] or col.dtype not in ints:
+        raise ValueError(f"CSR indices of {key!r} must be integers (crow int32/int64, col int16/32/64)")
     if crow.numel() != rows + 1:
         raise ValueError(f"{key}.crow_indices has {crow.numel()} entries, expected rows+1 = {rows + 1}")
     if col.numel() != val.numel():

@@ -6,22 +6,39 @@ forward pass never forms the dense product ``A @ B``: it computes ``(x Báµ€) Aáµ
 
 Layout rule (``layout="auto"``), decided per factor from its density and size
 ------------------------------------------------------------------------------
-Measured by ``benchmarks/bench_modules.py`` (torch 2.13 CPU build, MKL sparse kernels, 2 threads,
-median of repeats; ``benchmarks/results/bench_modules.json``). One factor product ``W @ z`` for
-``W`` of shape 1536x384 / 384x384 / 384x1536, CSR time relative to dense time (lower is better
-for CSR)::
+Measured by ``benchmarks/bench_modules.py`` (torch 2.13 CPU build, MKL sparse kernels, 1 torch
+thread because the shared 2-core machine was at load ~9 and 2-thread runs measured scheduler
+stalls; median of round-robin samples; ``benchmarks/results/bench_modules.json``). One factor
+product ``W @ z`` with ``z`` of N columns; CSR time / dense time (below 1: CSR faster)::
 
-{CROSSOVER_TABLE}
+    W          density   N=1    N=16   N=256
+    1536x384   0.01      0.31   0.19   0.17
+               0.05      0.63   0.39   0.33
+               0.1       1.07   0.62   0.51
+               0.2       2.14   1.12   0.98
+               0.3       3.09   1.55   1.39
+               0.5       8.00   2.48   2.27
+    384x384    0.05      1.11   0.43   0.30
+               0.1       1.68   0.62   0.53
+               0.2       3.12   0.96   0.92
+    384x1536   0.05      0.66   0.40   0.25
+               0.1       1.23   0.68   0.42
+               0.2       2.39   1.21   0.98
+               0.5       5.94   2.94   4.24
 
-So CSR pays only for very sparse factors; at the densities DSF factors usually have (0.15-0.5)
-dense kernels win, often by 2-10x. ``auto`` therefore picks CSR for a factor when
-``density <= {CSR_MAX_DENSITY}`` and ``numel >= {CSR_MIN_NUMEL}`` (small matrices are dominated
-by call overhead), and dense otherwise. fp16/bf16 factors on the CPU are always dense under
-``auto``, because torch's CPU CSR matmul (MKL) has no half-precision kernel.
+CSR pays only for very sparse factors; at the densities DSF factors usually have (0.15-0.45)
+dense kernels are as fast or faster, and at batch 1 (matrix-vector) 2-8x faster. As the batch
+is not known when a module is built, ``auto`` picks CSR for a factor when
+``density <= 0.05`` (CSR wins at every batch size measured, except a 10% loss for 384x384
+at N=1) and ``numel >= 65536``
+(smaller matrices are dominated by call overhead; not measured below 384x384), and dense
+otherwise. fp16/bf16 factors on the CPU are always dense under ``auto``, because torch's CPU
+CSR matmul (MKL) has no half-precision kernel.
 
 Precision: float32/float64 compute in their dtype for both layouts. fp16/bf16 compute in their
-dtype with the dense layout (CPU and CUDA) and with CSR on CUDA; a CSR factor in fp16/bf16 on the
-CPU (only when forced with ``layout="csr"``) is multiplied in float32 and the result cast back.
+dtype with the dense layout (CPU and CUDA) and with CSR on CUDA (not tested here: no GPU); a CSR
+factor in fp16/bf16 on the CPU (only when forced with ``layout="csr"``) is multiplied in float32
+and the result cast back.
 
 State: factors and bias are registered as *buffers*, not parameters. These are inference modules:
 nothing here is trained, an optimiser never sees the factors, and gradients flow only to the input.
@@ -139,12 +156,21 @@ def _resolve(W: torch.Tensor, layout: str) -> str:
     return choose_layout(_nnz(W), tuple(W.shape), W.dtype, W.device)
 
 
+def _index_bytes(nnz: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """Bytes per entry of the on-disk (crow_indices, col_indices): int32 / int64 row pointers,
+    int16 column indices when every column index fits (``cols <= 32768``)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    crow = 4 if max(nnz, rows + 1) <= _INT32_MAX else 8
+    col = 2 if cols <= 2**15 else (4 if cols <= _INT32_MAX else 8)
+    return crow, col
+
+
 def _storage_bytes(nnz: int, shape: tuple[int, int], itemsize: int) -> tuple[str, int]:
-    """Compact on-disk form of one factor: CSR with int32 indices, or dense if that is smaller."""
+    """Compact on-disk form of one factor: CSR (see :func:`_index_bytes`), or dense if smaller."""
     rows, cols = int(shape[0]), int(shape[1])
     dense = rows * cols * itemsize
-    index = 4 if max(nnz, cols, rows + 1) <= _INT32_MAX else 8
-    csr = nnz * (itemsize + index) + (rows + 1) * index
+    crow, col = _index_bytes(nnz, shape)
+    csr = nnz * (itemsize + col) + (rows + 1) * crow
     return ("csr", csr) if csr < dense else ("dense", dense)
 
 
@@ -234,8 +260,9 @@ class _FactorModule(nn.Module):
     def compressed_bytes(self) -> int:
         """Bytes of the compact form written by ``save_compressed`` (factors + bias).
 
-        Each factor counts as CSR with int32 indices (``nnz * (itemsize + 4) + (rows + 1) * 4``),
-        or as dense if that is smaller; this does not depend on the runtime layout.
+        Each factor counts as CSR with int16 column indices (int32 if a factor has more than
+        32768 columns) and int32 row pointers, ``nnz * (itemsize + 2) + (rows + 1) * 4``, or as
+        dense if that is smaller; this does not depend on the runtime layout.
         """
         total = self._bias_bytes()
         for n in self._factor_names:
