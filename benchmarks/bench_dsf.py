@@ -41,7 +41,7 @@ PHASES = {
     "warm_start": "element-wise",
     "scale_rows": "element-wise",
     "unscale_rows": "element-wise",
-    "magnitude_prune": "element-wise",
+    "keep_largest": "selection",
     "row_norms": "element-wise",
     "col_norms": "element-wise",
 }

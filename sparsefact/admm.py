@@ -39,6 +39,17 @@ def _normalised_system(engine: Any, gram: Any, scale: Any) -> Any:
     return (gram / scale[:, None]) / scale[None, :]
 
 
+def relative_ridge(engine: Any, system: Any, ridge: float) -> float:
+    """``ridge * mean(diag(system))``, or ``ridge`` itself when that mean is 0.
+
+    The normalised systems have unit diagonal entries except for all-zero columns of
+    the fixed factor, so the floor only matters when the fixed factor is entirely zero
+    (where it keeps the warm-start solve with ``rho0 = 0`` well posed).
+    """
+    mean_diag = float(engine.xp.mean(engine.diag(system)))
+    return ridge * mean_diag if mean_diag > 0 else ridge
+
+
 def sparse_least_squares(
     engine: Any,
     gram: Any,
@@ -107,7 +118,7 @@ def sparse_least_squares(
         raise ValueError(f"scope must be 'global', 'column' or 'row', got {scope!r}")
     scale = norms + NORM_EPS
     system = _normalised_system(engine, gram, scale)
-    ridge_value = ridge * float(engine.xp.mean(engine.diag(system)))
+    ridge_value = relative_ridge(engine, system, ridge)
     cross_n = engine.unscale_rows(cross, scale)
     u, rhs = engine.warm_start(cross_n, z_prev, u_prev, scale, rho0)
     inverse = engine.spd_inverse(system, ridge_value + rho)

@@ -82,12 +82,73 @@ def resolve_split(split: float | str, m: int, n: int) -> float:
     return float(split)
 
 
-def minimum_density(m: int, n: int, split: float) -> float:
-    """Smallest density the strict rule can honour for an ``m x n`` matrix and ``split``."""
+def _mask_lines(k: int, P: int, transposed: bool, masks: str) -> tuple[int, int, int, int]:
+    """``(lines, length)`` of the square and of the other factor's selection groups."""
+    if masks == "global":
+        return 1, k * k, 1, k * P
+    lines_other, length_other = (P, k) if transposed else (k, P)
+    return k, k, lines_other, length_other
+
+
+def _kept(budget: float, lines: int, length: int) -> int:
+    return lines * strict_kept_count(budget / lines, length) if budget >= 1 else 0
+
+
+def _total_is_valid(total: int, budget_square: int, keep_square: int, lines: tuple) -> bool:
+    """Whether ``floor(density m n) = total`` leaves a valid budget for the other factor."""
+    budget_other = total - budget_square
+    if budget_other < 1:
+        return False
+    keep_other = _kept(budget_other, lines[2], lines[3])
+    return keep_other >= lines[2] and keep_square + keep_other <= total
+
+
+def _smallest_decimal_at_least(value: float, accepts) -> float:
+    """Smallest multiple of ``1/10**4`` that is ``>= value`` and accepted by ``accepts``."""
+    candidate = math.ceil(value * 10**4 - 1e-9) / 10**4
+    for _ in range(10**4):
+        if accepts(candidate):
+            return candidate
+        candidate = round(candidate + 1e-4, 4)
+    return candidate  # pragma: no cover - unreachable for densities in (0, 1]
+
+
+def minimum_density(m: int, n: int, split: float | str = "auto", masks: str = "global") -> float:
+    """Smallest density (to 4 decimals) that :func:`plan_budgets` accepts for the shape.
+
+    Returns ``inf`` when no density works (the split itself is too small or too large).
+    """
+    split_value = resolve_split(split, m, n)
     k, P = min(m, n), max(m, n)
-    budget_square = math.floor(k * k * split)
-    floor_other = math.ceil(DENSITY_FLOOR * k * P) + 1
-    return (budget_square + floor_other) / (m * n)
+    lines = _mask_lines(k, P, m >= n, masks)
+    budget_square = math.floor(k * k * split_value)
+    keep_square = _kept(budget_square, lines[0], lines[1])
+    if keep_square < lines[0] or not _total_is_valid(m * n, budget_square, keep_square, lines):
+        return math.inf
+    low, high = budget_square + 1, m * n  # validity is monotone in the total budget
+    while low < high:
+        mid = (low + high) // 2
+        if _total_is_valid(mid, budget_square, keep_square, lines):
+            high = mid
+        else:
+            low = mid + 1
+    return _smallest_decimal_at_least(
+        low / (m * n),
+        lambda d: _total_is_valid(math.floor(d * m * n), budget_square, keep_square, lines),
+    )
+
+
+def minimum_split(m: int, n: int, masks: str = "global") -> float:
+    """Smallest square-factor density (to 4 decimals) that keeps an entry in every group."""
+    k, P = min(m, n), max(m, n)
+    lines = _mask_lines(k, P, m >= n, masks)
+    for budget in range(1, k * k + 1):
+        if _kept(budget, lines[0], lines[1]) >= lines[0]:
+            return _smallest_decimal_at_least(
+                budget / (k * k),
+                lambda s: _kept(math.floor(k * k * s), lines[0], lines[1]) >= lines[0],
+            )
+    return math.inf
 
 
 def plan_budgets(
@@ -113,7 +174,7 @@ def plan_budgets(
     ValueError
         When the square factor would keep no entry, or when the other factor's 1%
         density floor would push ``nnz(A) + nnz(B)`` over the budget. The message
-        states the minimum density (or split) for the shape.
+        states the minimum split or density for the shape (values that are accepted).
     """
     if masks not in ("global", "row"):
         raise ValueError(f"masks must be 'global' or 'row', got {masks!r}")
@@ -123,42 +184,38 @@ def plan_budgets(
     total = density * m * n  # double precision, as the reference code
     budget_square = math.floor(k * k * split_value)
     budget_other = math.floor(total - budget_square)
+    lines = _mask_lines(k, P, transposed, masks)
+    keep_square = _kept(budget_square, lines[0], lines[1])
+    where = " in some rows" if masks == "row" else ""
+    if keep_square < lines[0]:
+        if k < 2:
+            raise ValueError(
+                f"a {m}x{n} matrix (1 sample or 1 feature(s)) cannot be factorised: the inner "
+                "dimension min(m, n) must be at least 2"
+            )
+        raise ValueError(
+            f"split={split_value:g} leaves the {k}x{k} square factor of a {m}x{n} matrix with no "
+            f"nonzero{where} (the selection rule keeps floor(split*k^2) - 1 or floor(split*k^2) "
+            f"= {budget_square} entries); use split >= {minimum_split(m, n, masks):.4f}"
+        )
+    if not _total_is_valid(math.floor(total), budget_square, keep_square, lines):
+        lowest = minimum_density(m, n, split_value, masks)
+        hint = (
+            f"the minimum density is {lowest:.4f}"
+            if math.isfinite(lowest)
+            else "no density works with this split: lower it"
+        )
+        raise ValueError(
+            f"density={density:g} is too small for a {m}x{n} matrix with split={split_value:g}: "
+            f"the square factor takes {budget_square} nonzeros and the other factor keeps at "
+            f"least {DENSITY_FLOOR:.0%} of its {k * P} entries{' in every row' if masks == 'row' else ''}; "
+            + hint
+        )
     if masks == "global":
-        lines_square, length_square = 1, k * k
-        lines_other, length_other = 1, k * P
         scope_square = scope_other = "global"
     else:
-        lines_square, length_square = k, k
-        lines_other, length_other = (P, k) if transposed else (k, P)
         scope_square = "row" if transposed else "column"
         scope_other = "column" if transposed else "row"
-    keep_square = lines_square * strict_kept_count(budget_square / lines_square, length_square)
-    if keep_square < 1 or (masks == "row" and keep_square < lines_square):
-        need = (k * k + 1) / (k * k)
-        raise ValueError(
-            f"split={split_value:g} leaves the {k}x{k} square factor of a {m}x{n} matrix "
-            f"with no nonzero{' in some rows' if masks == 'row' else ''} (the selection rule "
-            f"keeps floor(split*k^2) - 1 or floor(split*k^2) = {budget_square} entries); "
-            + (
-                f"use split >= {min(need * 2 / k / (1 if masks == 'row' else k), 1.0):.3g}"
-                if k >= 2
-                else "a matrix with 1 sample or 1 feature(s) cannot be factorised: "
-                "the inner dimension min(m, n) must be at least 2"
-            )
-        )
-    keep_other = (
-        lines_other * strict_kept_count(budget_other / lines_other, length_other)
-        if budget_other >= 1
-        else 0
-    )
-    if budget_other < 1 or keep_other < lines_other or keep_square + keep_other > math.floor(total):
-        raise ValueError(
-            f"density={density:g} is too small for a {m}x{n} matrix with split="
-            f"{split_value:g}: the square factor takes {budget_square} nonzeros and the other "
-            f"factor keeps at least {DENSITY_FLOOR:.0%} of its {k * P} entries"
-            f"{' in every row' if masks == 'row' else ''}; the minimum density is "
-            f"{minimum_density(m, n, split_value):.4f}"
-        )
     return BudgetPlan(
         m=m,
         n=n,
@@ -169,10 +226,10 @@ def plan_budgets(
         split=split_value,
         budget_square=budget_square,
         budget_other=budget_other,
-        index_square=strict_threshold_index(budget_square / lines_square, length_square),
-        index_other=strict_threshold_index(budget_other / lines_other, length_other),
+        index_square=strict_threshold_index(budget_square / lines[0], lines[1]),
+        index_other=strict_threshold_index(budget_other / lines[2], lines[3]),
         index_init=strict_threshold_index(budget_other / 2, k * P, floor=0.0),
-        max_nnz=keep_square + keep_other,
+        max_nnz=keep_square + _kept(budget_other, lines[2], lines[3]),
         masks=masks,
         scope_square=scope_square,
         scope_other=scope_other,
@@ -223,6 +280,18 @@ class FactorizationResult:
     finalized: bool
     plan: BudgetPlan
     counters: SolverCounters = field(default_factory=SolverCounters)
+
+
+def _initial_other_factor(engine: Any, target: Any, plan: BudgetPlan) -> Any:
+    """Half-budget magnitude prune of ``T`` (the reference initialisation).
+
+    Ties at the threshold are broken by position and at least one entry is kept, so
+    tied data (integer weights) or a one-entry budget does not start from an all-zero
+    factor, from which the alternation could never leave. Without ties this is the
+    reference's strict rule.
+    """
+    count = plan.k * plan.P - plan.index_init - 1
+    return engine.keep_largest(target, max(count, 1))
 
 
 def _surrogate_error_sq(engine: Any, at: Any, cross_a: Any, gram_a: Any, t_sq: float) -> float:
@@ -296,8 +365,7 @@ finalize, finalize_iter, masks
 
     at = engine.eye(k, target)  # A^T, the square factor
     u_at = engine.zeros((k, k), target)
-    tau0 = engine.kth_smallest_abs(target, plan.index_init)
-    b = engine.magnitude_prune(target, tau0)
+    b = _initial_other_factor(engine, target, plan)
     u_b = engine.zeros((k, P), target)
 
     errors: list[float] = []

@@ -104,12 +104,15 @@ def test_invalid_parameters_name_themselves(params, name):
 
 def test_budget_too_small_for_the_square_factor_states_the_minimum_density():
     # 64x64, split 0.16: the square factor alone takes floor(0.16 * 4096) = 655 nonzeros,
-    # more than density 0.1 allows (409).
-    # The minimum is (655 + ceil(1% of 4096) + 1) / 4096 = 697 / 4096 = 0.17017.
-    with pytest.raises(ValueError, match=r"density=0.1 is too small .* the minimum density is 0\.1702$"):
+    # more than density 0.1 allows (409). It keeps 654 of them (strict rule), the other
+    # factor keeps at least 1% (40 of 4096): a total budget of 694 (density 0.16943) is the
+    # smallest that fits; the message states it rounded up to 4 decimals.
+    with pytest.raises(ValueError, match=r"density=0.1 is too small .* the minimum density is 0\.1695$"):
         DoubleSparseFactorization(density=0.1).fit(gaussian(64, 64))
-    est = DoubleSparseFactorization(density=0.1702, max_iter=3, tol=0).fit(gaussian(64, 64))
-    assert est.nnz_ <= 0.1702 * 64 * 64
+    est = DoubleSparseFactorization(density=0.1695, max_iter=3, tol=0).fit(gaussian(64, 64))
+    assert est.nnz_ <= 0.1695 * 64 * 64
+    with pytest.raises(ValueError, match="minimum density is 0.1695"):
+        DoubleSparseFactorization(density=0.1694).fit(gaussian(64, 64))
 
 
 def test_calibration_of_the_wrong_type():
@@ -196,11 +199,6 @@ def test_check_scalar_count(value, error):
     assert check_scalar_count(np.int64(3), "iterations") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dsf.py: the stated minimum density (rounded to 4 decimals, and density*m*n "
-    "floored in floating point) is itself rejected for some shapes, e.g. 6x9",
-)
 def test_stated_minimum_density_is_accepted():
     import re
 

@@ -180,14 +180,3 @@ def symmetrize_from_lower(a):
     for i in prange(n):
         for j in range(i + 1, n):
             a[i, j] = a[j, i]
-
-
-@njit(parallel=True, cache=True)
-def magnitude_prune(a, tau):
-    """New array ``a * (|a| > tau)``."""
-    out = np.empty_like(a)
-    for i in prange(a.shape[0]):
-        for j in range(a.shape[1]):
-            x = a[i, j]
-            out[i, j] = x if abs(x) > tau else x * 0
-    return out

@@ -172,7 +172,25 @@ class ArrayAPIEngine:
             return mask, u_new, z
         return mask, u_new, cross + rho * (z - u_new)
 
-    def magnitude_prune(self, a: Any, tau: float) -> Any:
-        """``a * (|a| > tau)``."""
+    def keep_largest(self, a: Any, count: int) -> Any:
+        """``a`` with all but its ``count`` largest-magnitude entries set to 0.
+
+        Ties at the threshold are kept in row-major order, so exactly ``count`` entries
+        survive; without ties this is the strict rule ``|a| > tau``.
+        """
         xp = self.xp
-        return xp.where(xp.abs(a) > tau, a, xp.zeros_like(a))
+        numel = a.shape[0] * a.shape[1]
+        if count >= numel:
+            return self.copy(a)
+        if count <= 0:
+            return xp.zeros_like(a)
+        tau = self.kth_smallest_abs(a, numel - count)
+        magnitude = xp.abs(a)
+        above = magnitude > tau
+        ties = magnitude == tau
+        need = count - int(xp.sum(xp.astype(above, xp.int64)))
+        tie_rank = xp.reshape(
+            xp.cumulative_sum(xp.reshape(xp.astype(ties, xp.int64), (-1,))), a.shape
+        )
+        keep = above | (ties & (tie_rank <= need))
+        return xp.where(keep, a, xp.zeros_like(a))

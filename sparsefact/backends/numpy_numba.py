@@ -217,6 +217,3 @@ class NumpyNumbaEngine(ArrayAPIEngine):
             bool(y_is_sum),
         )
         return mask, u, y
-
-    def magnitude_prune(self, a, tau):
-        return nk.magnitude_prune(_c_contiguous(a), a.dtype.type(tau))
