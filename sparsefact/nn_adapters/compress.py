@@ -539,8 +539,9 @@ def _compress_layerwise(model, data, targets, method, density, sequential, repla
 
 def _compress_blockwise(model, data, names, blocks, per_block, method, density, sequential, replace, forward,
                         params, report, bar):
+    last = max(i for i, targets in enumerate(per_block) if targets)  # later blocks need no inputs
     inputs = _catch_block_inputs(model, blocks[0], data, forward)
-    for block_name, block, targets in zip(names, blocks, per_block, strict=True):
+    for block_name, block, targets in zip(names[: last + 1], blocks[: last + 1], per_block, strict=False):
         local = [t[len(block_name) + 1:] for t in targets]
         dense_outputs = []
         if targets:
@@ -555,7 +556,7 @@ def _compress_blockwise(model, data, names, blocks, per_block, method, density, 
                 _do_layer(block, short, modules[short], cap.calibration(short), method, density, replace,
                           params, report, bar)
                 report[-1]["name"] = full
-        if block is blocks[-1]:
+        if block is blocks[last]:
             break
         if not dense_outputs:  # sequential (or nothing compressed): outputs of the block as it is now
             for args, kwargs, mask in inputs:
