@@ -127,3 +127,49 @@ def test_error_history_decreases_over_the_run(engine):
     # not monotone step by step (ADMM), but the end is far better than the start
     assert errors[-1] < 0.8 * errors[0]
     assert errors[-1] <= errors[len(errors) // 2]
+
+
+def _correlated_layer(m, n, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, n))
+    mixing = np.eye(n) + 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)
+    X = (rng.standard_normal((4 * n, n)) @ mixing) * np.exp(rng.standard_normal(n))
+    return W, X
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 48)])
+def test_exact_objective_respects_budget_and_beats_heuristic_on_correlated_inputs(shape):
+    from sparsefact import DoubleSparseFactorization
+
+    W, X = _correlated_layer(*shape)
+    heuristic = DoubleSparseFactorization(max_iter=10, tol=0).fit(W, X)
+    exact = DoubleSparseFactorization(max_iter=10, tol=0, objective="exact").fit(W, X)
+    assert exact.nnz_ <= 0.5 * W.size
+    np.testing.assert_allclose(
+        exact.reconstruct(), exact.A_.toarray() @ exact.B_.toarray(), rtol=1e-10, atol=1e-12
+    )
+    assert exact.calibrated_err_ <= exact.error_before_finalize_ + 1e-12
+    assert exact.calibrated_err_ < heuristic.calibrated_err_
+
+
+def test_split_search_keeps_the_best_trial_split():
+    from sparsefact import DoubleSparseFactorization
+
+    W, X = _correlated_layer(48, 64, seed=1)
+    est = DoubleSparseFactorization(max_iter=8, tol=0, split="search").fit(W, X)
+    assert est.split_ in est.split_trials_
+    assert est.split_trials_[est.split_] == min(est.split_trials_.values())
+    assert est.nnz_ <= 0.5 * W.size
+
+
+def test_row_masks_through_the_estimator():
+    from sparsefact import DoubleSparseFactorization
+
+    W, X = _correlated_layer(40, 56, seed=2)
+    for objective in ("heuristic", "exact"):
+        est = DoubleSparseFactorization(max_iter=6, tol=0, masks="row", objective=objective).fit(W, X)
+        for factor in (est.A_, est.B_):
+            counts = np.diff(factor.indptr)
+            # every non-empty row holds the same number of nonzeros
+            assert len(set(counts[counts > 0].tolist())) == 1
+        assert est.nnz_ <= 0.5 * W.size
