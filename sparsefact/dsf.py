@@ -73,12 +73,23 @@ class BudgetPlan:
     scope_other: str = "global"
 
 
-def resolve_split(split: float | str, m: int, n: int) -> float:
-    """The square factor's density: 0.16 for square ``W``, 0.25 otherwise, or ``split``."""
+def resolve_split(split: float | str, m: int, n: int, masks: str = "global") -> float:
+    """The square factor's density: 0.16 for square ``W``, 0.25 otherwise, or ``split``.
+
+    For tiny inner dimensions (``min(m, n) < 7`` with the global rule) the reference
+    default would leave the square factor without a single entry (the strict rule
+    keeps ``floor(split k^2) - 1``); ``"auto"`` then takes the smallest split that keeps
+    one, so that the defaults work on every shape with ``min(m, n) >= 2``.
+    """
     if isinstance(split, str):
         if split != "auto":
             raise ValueError(f"split must be 'auto' or a float in (0, 1], got {split!r}")
-        return SQUARE_SPLIT if m == n else RECTANGULAR_SPLIT
+        default = SQUARE_SPLIT if m == n else RECTANGULAR_SPLIT
+        k = min(m, n)
+        lines = _mask_lines(k, max(m, n), m >= n, masks)
+        if k >= 2 and _kept(math.floor(k * k * default), lines[0], lines[1]) < lines[0]:
+            return max(default, minimum_split(m, n, masks))
+        return default
     return float(split)
 
 
@@ -118,7 +129,7 @@ def minimum_density(m: int, n: int, split: float | str = "auto", masks: str = "g
 
     Returns ``inf`` when no density works (the split itself is too small or too large).
     """
-    split_value = resolve_split(split, m, n)
+    split_value = resolve_split(split, m, n, masks)
     k, P = min(m, n), max(m, n)
     lines = _mask_lines(k, P, m >= n, masks)
     budget_square = math.floor(k * k * split_value)
@@ -178,7 +189,7 @@ def plan_budgets(
     """
     if masks not in ("global", "row"):
         raise ValueError(f"masks must be 'global' or 'row', got {masks!r}")
-    split_value = resolve_split(split, m, n)
+    split_value = resolve_split(split, m, n, masks)
     k, P = min(m, n), max(m, n)
     transposed = m >= n
     total = density * m * n  # double precision, as the reference code

@@ -46,9 +46,13 @@ def test_minimum_density_error_states_the_bound():
 def test_square_factor_without_entries_is_rejected():
     with pytest.raises(ValueError, match="1 sample or 1 feature"):
         plan_budgets(1, 10, 0.5)
-    with pytest.raises(ValueError, match="use split >="):
-        plan_budgets(2, 10, 0.5)
+    with pytest.raises(ValueError, match=r"use split >= 0\.5000"):
+        plan_budgets(2, 10, 0.5, split=0.25)
     plan_budgets(2, 10, 0.9, split=1.0)
+    # "auto" raises the reference default just enough for tiny inner dimensions
+    assert plan_budgets(2, 10, 0.5).split == 0.5
+    assert plan_budgets(3, 3, 0.6).split == pytest.approx(0.2223)
+    assert plan_budgets(8, 8, 0.5).split == 0.16
 
 
 def test_warm_start_ramp_is_cubic_and_reaches_one():

@@ -80,10 +80,13 @@ def test_inner_dimension_one_is_rejected(shape, match):
 
 def test_square_factor_without_entries_names_the_split():
     # k = 2: floor(0.25 * 4) = 1 entry, of which the strict rule keeps 0.
-    with pytest.raises(ValueError, match=r"split=0.25 leaves the 2x2 square factor.*use split >="):
-        DoubleSparseFactorization().fit(gaussian(20, 2))
+    with pytest.raises(ValueError, match=r"split=0.25 leaves the 2x2 square factor.*use split >= 0.5000"):
+        DoubleSparseFactorization(split=0.25).fit(gaussian(20, 2))
     est = DoubleSparseFactorization(split=0.5, **FAST).fit(gaussian(20, 2))
     assert est.B_.shape == (2, 2)
+    # split="auto" raises the reference default to that minimum for tiny inner dimensions
+    auto = DoubleSparseFactorization(**FAST).fit(gaussian(20, 2))
+    assert auto.split_ == 0.5
 
 
 # ---------------------------------------------------------------- fit signatures
