@@ -229,6 +229,24 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 # ---------------------------------------------------------------------- one layer
+@contextlib.contextmanager
+def _thread_limit(threads: int | None):
+    """Numba and BLAS thread pools limited to ``threads`` during a fit (``None``: unchanged)."""
+    if threads is None:
+        yield
+        return
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        with threadpool_limits(limits=int(threads)):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _to_module_like(new: nn.Module, old: nn.Module) -> nn.Module:
     param = next(iter(old.parameters()))
     try:
@@ -285,6 +303,7 @@ def compress_layer(
     *,
     replace: bool = True,
     name: str = "",
+    threads: int | None = None,
     **params: Any,
 ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Compress one layer against its calibration; return ``(new module or None, report row)``.
@@ -297,7 +316,7 @@ def compress_layer(
     W = layer_matrix(module).to(torch.float32).cpu().numpy()
     est = make_estimator(method, density, params)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _thread_limit(threads):
         warnings.simplefilter("always")
         est.fit(W, calibration=calibration)
     new = _build_module(module, est, replace)
@@ -413,6 +432,7 @@ def compress_model(
     progress: bool = True,
     replace: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    threads: int | None = None,
     **params: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a model's linear layers from calibration data; return ``(model, report)``.
@@ -451,6 +471,11 @@ def compress_model(
         into the existing dense weight (``False``).
     forward : callable, optional
         ``forward(model, batch)`` to call the model on a batch, for unusual inputs.
+    threads : int, optional
+        Limit Numba's and the BLAS libraries' thread pools to this many threads while a
+        layer is fitted (restored afterwards); ``None`` leaves them alone. On a busy
+        shared machine ``1`` can be much faster: a 384x384 DSF fit (8 outer iterations)
+        after torch forwards took 1.1 s with one thread and 13-36 s with two on 2 busy cores.
     **params
         Passed to the estimator's constructor (e.g. ``max_iter=8`` for DSF).
 
@@ -464,6 +489,7 @@ def compress_model(
 
     if isinstance(method, str):
         make_estimator(method, 0.5, params)  # fail early on unknown methods / parameters
+    params = {**params, "threads": threads}
     was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
