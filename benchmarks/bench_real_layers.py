@@ -175,6 +175,17 @@ def fit_one(
     record["method"] = method
     record["target_density"] = float(density)
     record["params"] = params.get(method, {})
+    # NaN/inf errors (a diverged fit) become None, so they drop out of means and win counts
+    # and the JSON stays strict; the record says which fields were non-finite.
+    nonfinite = [
+        k
+        for k in ("error", "heldout_error", "plain_error")
+        if record.get(k) is not None and not math.isfinite(record[k])
+    ]
+    for k in nonfinite:
+        record[k] = None
+    if nonfinite:
+        record["nonfinite"] = nonfinite
     messages = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     record["warnings"] = [m[:300] for m in messages]
     return record, None
@@ -300,7 +311,7 @@ def mean_table(records: list[dict], key: str, unit: str, n_units: int | None = N
                 cells.append("–")
                 continue
             cell = fmt(float(np.mean(values)))
-            if n_units is not None and len({r[unit] for r in _select(records, method, d)}) < n_units:
+            if n_units is not None and len(values) < n_units:
                 cell += f" (n={len(values)})"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -311,9 +322,18 @@ def _by_unit(records: list[dict], method: str, density: float, key: str) -> dict
     return {r["_unit"]: r[key] for r in _select(records, method, density) if r.get(key) is not None}
 
 
+def best_of(per_method: list[dict[Any, float]]) -> dict[Any, float]:
+    """Per unit, the lowest value among the methods that have one (failed fits are absent)."""
+    units = set().union(*per_method) if per_method else set()
+    return {u: min(p[u] for p in per_method if u in p) for u in units}
+
+
 def wins_table(records: list[dict], unit: str, key: str = "heldout_error") -> str:
     """Markdown table: on how many units each DSF method has a strictly lower ``key`` than each
-    baseline (and than the best single-sparse baseline), per density and over all densities."""
+    baseline (and than the best single-sparse baseline), per density and over all densities.
+
+    Units where either side has no finite value are not compared; the best single-sparse
+    baseline is the lowest of those that have one."""
     records = [{**r, "_unit": r[unit]} for r in records]
     densities = present_densities(records)
     methods = present_methods(records)
@@ -336,9 +356,7 @@ def wins_table(records: list[dict], unit: str, key: str = "heldout_error") -> st
         for d in densities:
             mine = _by_unit(records, challenger, d, key)
             if baseline == "best single-sparse":
-                per = [_by_unit(records, b, d, key) for b in sparse]
-                common = set(mine).intersection(*per)
-                theirs = {u: min(p[u] for p in per) for u in common}
+                theirs = best_of([_by_unit(records, b, d, key) for b in sparse])
             else:
                 theirs = _by_unit(records, baseline, d, key)
             units = sorted(set(mine) & set(theirs), key=str)
@@ -371,6 +389,23 @@ def seconds_table(records: list[dict]) -> str:
         f"| **all** | {len(records)} | {total:.1f} | {total / max(len(records), 1):.2f} |"
         + " |" * len(densities)
     )
+    return "\n".join(lines)
+
+
+def nonfinite_text(records: list[dict], unit: str) -> str:
+    bad = [r for r in records if r.get("nonfinite")]
+    if not bad:
+        return "No fit returned a non-finite error."
+    lines = [
+        f"{len(bad)} fits returned NaN/inf errors; they are left out of the means and win counts:",
+        "",
+    ]
+    for r in bad:
+        warned = "; ".join(r.get("warnings", []))[:200]
+        lines.append(
+            f"- {r[unit]}, d={r['target_density']:g}, {r['method']}: {', '.join(r['nonfinite'])}"
+            + (f" ({warned})" if warned else "")
+        )
     return "\n".join(lines)
 
 
@@ -562,7 +597,7 @@ def run(args: argparse.Namespace) -> dict:
                 run_info["fits"] += 1
                 print(
                     f"  {name} {W.shape[0]}x{W.shape[1]} d={density:g} {method:>9}: "
-                    f"err {record['error']:.4f} heldout {record['heldout_error']:.4f} "
+                    f"err {fmt(record['error'])} heldout {fmt(record['heldout_error'])} "
                     f"({record['seconds']:.2f} s)",
                     flush=True,
                 )
@@ -614,9 +649,11 @@ def summary_markdown(data: dict) -> str:
         "",
         seconds_table(records),
         "",
-        "## Skips",
+        "## Skips and failed fits",
         "",
         skips_text(skipped, "layer"),
+        "",
+        nonfinite_text(records, "layer"),
         "",
     ]
     return "\n".join(header + [""] + body)
@@ -663,7 +700,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     challengers = [m for m in DSF_METHODS if m in present_methods(records)]
     if sparse and challengers:
         per = [{r["layer"]: r["heldout_error"] for r in _select(records, m, d)} for m in sparse]
-        best = {u: min(p[u] for p in per) for u in set(per[0]).intersection(*per[1:])}
+        best = best_of(per)
         fig, axes = plt.subplots(1, len(challengers), figsize=(5.2 * len(challengers), 4.8), squeeze=False)
         kinds = sorted({layer_kind(u) for u in best})
         both = [r["heldout_error"] for m in challengers for r in _select(records, m, d) if r["layer"] in best]
