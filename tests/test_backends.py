@@ -37,8 +37,14 @@ def _values(dtype):
 
 
 @pytest.fixture
-def two_threads():
-    """Run the parallel Numba kernels with two threads (the suite runs with one)."""
+def two_threads(monkeypatch):
+    """Run the parallel Numba builds with two threads, whatever the array size.
+
+    The suite runs with one thread, and small arrays use the serial builds.
+    """
+    from sparsefact.backends import _numba_kernels
+
+    monkeypatch.setattr(_numba_kernels, "PARALLEL_MIN_SIZE", 1)
     previous = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     yield
@@ -158,8 +164,9 @@ def test_other_kernels_match_portable_engine(dtype, two_threads):
         strict=True,
     ):
         same(x, y)
-    tau = float(np.median(np.abs(a)))
-    np.testing.assert_array_equal(NUMBA.magnitude_prune(a, tau), PORTABLE.magnitude_prune(a, tau))
+    for count in (0, 1, 100, a.size):
+        np.testing.assert_array_equal(NUMBA.keep_largest(a, count), PORTABLE.keep_largest(a, count))
+        assert np.count_nonzero(NUMBA.keep_largest(a, count)) == count
     same(NUMBA.row_norms(a), PORTABLE.row_norms(a))
     same(NUMBA.col_norms(a), PORTABLE.col_norms(a))
     square = a[:, :21].copy()
@@ -167,7 +174,7 @@ def test_other_kernels_match_portable_engine(dtype, two_threads):
     same(NUMBA.diag(square), PORTABLE.diag(square))
     # Functional kernels leave their inputs alone.
     a_before = a.copy()
-    NUMBA.magnitude_prune(a, tau)
+    NUMBA.keep_largest(a, 10)
     NUMBA.row_norms(a)
     np.testing.assert_array_equal(a, a_before)
 

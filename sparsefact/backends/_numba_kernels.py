@@ -1,19 +1,55 @@
 """Numba kernels for the CPU engine: selection by radix histograms and fused ADMM passes.
 
-Every kernel works on C-contiguous 2-D float32/float64 arrays and is parallel over rows
-(``prange``). They are compiled lazily on first use and cached on disk.
+Every kernel works on C-contiguous 2-D float32/float64 arrays. Each is compiled twice,
+parallel over rows (``prange``) and serial, and a call runs the parallel version only
+for arrays of at least :data:`PARALLEL_MIN_SIZE` entries: for smaller ones the thread
+hand-off costs more than it saves, and on a busy machine far more. Both are compiled
+lazily on first use and cached on disk.
 """
 
 from __future__ import annotations
 
+import types
+
+import numba
 import numpy as np
 from numba import njit, prange
 
 _DIGIT_BITS = 16
 _N_BINS = 1 << _DIGIT_BITS
 
+#: Arrays with fewer entries run the serial build of a kernel.
+PARALLEL_MIN_SIZE = 1 << 17
 
-@njit(parallel=True, cache=True)
+
+def use_parallel(size: int) -> bool:
+    """Whether a kernel over ``size`` entries should run its parallel build."""
+    return size >= PARALLEL_MIN_SIZE and numba.get_num_threads() > 1
+
+
+class _Kernel:
+    """A kernel compiled in a parallel and a serial build, chosen per call by size."""
+
+    def __init__(self, fn):
+        self.parallel = njit(parallel=True, cache=True)(fn)
+        serial = types.FunctionType(
+            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__
+        )
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = njit(cache=True)(serial)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args):
+        build = self.parallel if use_parallel(args[0].size) else self.serial
+        return build(*args)
+
+
+def kernel(fn):
+    """Decorator: compile ``fn`` as a :class:`_Kernel`."""
+    return _Kernel(fn)
+
+
+@kernel
 def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask, n_chunks):
     """Histogram of the 16-bit digit at ``shift`` of ``keys & abs_mask``.
 
@@ -34,7 +70,7 @@ def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask, n_chunks):
     return hist
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _add_and_top_histogram(y, u, y_keys, abs_mask, shift, n_chunks):
     """``y += u`` (flat views) fused with the first histogram pass over ``|y|``.
 
@@ -96,7 +132,8 @@ def kth_smallest_abs(values: np.ndarray, index: int, n_threads: int) -> float:
     """
     flat = values.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    prefix = _radix_select(keys, abs_mask, total_bits, index, max(1, n_threads))
+    n_chunks = max(1, n_threads) if use_parallel(flat.size) else 1
+    prefix = _radix_select(keys, abs_mask, total_bits, index, n_chunks)
     return _key_to_float(prefix, flat.dtype)
 
 
@@ -108,7 +145,7 @@ def add_and_select(y: np.ndarray, u: np.ndarray, index: int, n_threads: int) -> 
     """
     flat = y.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    n_chunks = max(1, n_threads)
+    n_chunks = max(1, n_threads) if use_parallel(flat.size) else 1
     first = _add_and_top_histogram(
         flat, u.reshape(-1), keys, abs_mask, np.int64(total_bits - _DIGIT_BITS), n_chunks
     )
@@ -116,7 +153,7 @@ def add_and_select(y: np.ndarray, u: np.ndarray, index: int, n_threads: int) -> 
     return _key_to_float(prefix, flat.dtype)
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def add_inplace(y, u):
     """``y += u``."""
     for i in prange(y.shape[0]):
@@ -124,7 +161,7 @@ def add_inplace(y, u):
             y[i, j] += u[i, j]
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def warm_start(cross, z_prev, u_prev, scale, rho0, u_out, rhs_out):
     """``u_out = scale*u_prev``; ``rhs_out = cross + rho0*(scale*z_prev - u_out)``."""
     for i in prange(cross.shape[0]):
@@ -136,7 +173,7 @@ def warm_start(cross, z_prev, u_prev, scale, rho0, u_out, rhs_out):
             rhs_out[i, j] = cross[i, j] + rho0 * (z - u)
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def admm_update(y, u, cross, mask, rho, last, tau, refresh, y_is_sum):
     """Fused z/u update and next right-hand side, in place (see ArrayAPIEngine.admm_update).
 
@@ -160,7 +197,7 @@ def admm_update(y, u, cross, mask, rho, last, tau, refresh, y_is_sum):
                 y[i, j] = cross[i, j] + rho * (z - un)
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def scale_rows_inplace(a, scale, divide):
     """``a <- diag(scale) a`` or ``a <- diag(scale)^-1 a``."""
     for i in prange(a.shape[0]):
@@ -173,7 +210,7 @@ def scale_rows_inplace(a, scale, divide):
                 a[i, j] = a[i, j] * s
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def symmetrize_from_lower(a):
     """Copy the strict lower triangle of ``a`` onto its upper triangle."""
     n = a.shape[0]
