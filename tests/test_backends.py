@@ -97,15 +97,13 @@ def test_column_and_row_selection(dtype):
 
 # ---------------------------------------------------------------- solves
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 2, 7, 64, 193, 300])
-@pytest.mark.parametrize("method", ["block", "cholesky"])
-def test_spd_inverse_equals_numpy_inverse(dtype, k, method):
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 193, 300, 1000])
+def test_spd_inverse_equals_numpy_inverse(dtype, k):
     F = gaussian(k + 5, k, dtype)
     G = F.T @ F
     G /= np.mean(np.diag(G))
     shift = 0.5
     engine = NumpyNumbaEngine()
-    engine.inverse_method = method
     G_before = G.copy()
     inverse = engine.spd_inverse(G, shift)
     assert inverse.dtype == dtype and inverse.shape == (k, k)
