@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array_api_compat
 import array_api_compat.numpy as np_compat
-import numba
 import numpy as np
 import pytest
 from _data import gaussian, scaled_activations
@@ -36,19 +35,6 @@ def _values(dtype):
     return arrays(dtype, st.tuples(st.integers(1, 30), st.integers(1, 30)), elements=elements)
 
 
-@pytest.fixture
-def two_threads(monkeypatch):
-    """Run the parallel Numba builds with two threads, whatever the array size.
-
-    The suite runs with one thread, and small arrays use the serial builds.
-    """
-    from sparsefact.backends import _numba_kernels
-
-    monkeypatch.setattr(_numba_kernels, "PARALLEL_MIN_SIZE", 1)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    yield
-    numba.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- selection
@@ -69,13 +55,12 @@ def test_kth_smallest_abs_equals_sort(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kth_smallest_abs_large_parallel(dtype, two_threads):
-    """Several chunks of the parallel histogram, with heavy ties."""
+def test_kth_smallest_abs_large(dtype):
+    """A large array (several radix passes over 200,000 entries), with heavy ties."""
     rng = np.random.default_rng(0)
     v = rng.integers(-50, 50, size=(500, 400)).astype(dtype) * dtype(0.25)
     v[::7] = -v[::7]
     engine = NumpyNumbaEngine()
-    assert engine.n_threads == min(2, numba.config.NUMBA_NUM_THREADS)
     reference = np.sort(np.abs(v), axis=None)
     for j in (0, 1, 12345, v.size // 2, v.size - 2, v.size - 1):
         assert engine.kth_smallest_abs(v, j) == reference[j]
@@ -122,7 +107,7 @@ def test_spd_inverse_equals_numpy_inverse(dtype, k):
 @pytest.mark.parametrize("refresh", [True, False])
 @pytest.mark.parametrize("last", [True, False])
 @pytest.mark.parametrize("y_is_sum", [True, False])
-def test_admm_update_matches_portable_engine(dtype, refresh, last, y_is_sum, two_threads):
+def test_admm_update_matches_portable_engine(dtype, refresh, last, y_is_sum):
     rng = np.random.default_rng(1)
     y, u, cross = (rng.standard_normal((33, 47)).astype(dtype) for _ in range(3))
     y[0, :5] = 0.0
@@ -143,7 +128,7 @@ def test_admm_update_matches_portable_engine(dtype, refresh, last, y_is_sum, two
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_other_kernels_match_portable_engine(dtype, two_threads):
+def test_other_kernels_match_portable_engine(dtype):
     rng = np.random.default_rng(2)
     a, b, c = (rng.standard_normal((21, 34)).astype(dtype) for _ in range(3))
     scale = (rng.random(21) + 0.5).astype(dtype)

@@ -1,91 +1,53 @@
 """Numba kernels for the CPU engine: selection by radix histograms and fused ADMM passes.
 
-Every kernel works on C-contiguous 2-D float32/float64 arrays. Each is compiled twice,
-parallel over rows (``prange``) and serial, and a call runs the parallel version only
-for arrays of at least :data:`PARALLEL_MIN_SIZE` entries: for smaller ones the thread
-hand-off costs more than it saves, and on a busy machine far more. Both are compiled
-lazily on first use and cached on disk.
+Every kernel works on C-contiguous 2-D float32/float64 arrays, is compiled lazily on
+first use and cached on disk.
+
+The kernels are serial on purpose. Between the kernels, every x-step is a GEMM in
+NumPy's OpenBLAS, whose idle worker threads keep spinning for a while after each call;
+parallel Numba threads then compete with them for the cores. Measured on a 2-core
+machine (float32 DSF, 8 outer iterations, one process, no other load): 1024x1024 took
+2.0 s with serial kernels against 2.6-3.1 s with 2-thread kernels, 2048x512 0.74 s
+against 1.7-1.9 s, 512x2048 0.74 s against 1.7 s; with serial kernels selection and
+element-wise passes take 12-21% of the time, not 30-40%.
 """
 
 from __future__ import annotations
 
-import types
-
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _DIGIT_BITS = 16
 _N_BINS = 1 << _DIGIT_BITS
 
-#: Arrays with fewer entries run the serial build of a kernel.
-PARALLEL_MIN_SIZE = 1 << 17
 
-
-def use_parallel(size: int) -> bool:
-    """Whether a kernel over ``size`` entries should run its parallel build."""
-    return size >= PARALLEL_MIN_SIZE and numba.get_num_threads() > 1
-
-
-class _Kernel:
-    """A kernel compiled in a parallel and a serial build, chosen per call by size."""
-
-    def __init__(self, fn):
-        self.parallel = njit(parallel=True, cache=True)(fn)
-        serial = types.FunctionType(
-            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__
-        )
-        serial.__qualname__ = fn.__qualname__ + "_serial"
-        self.serial = njit(cache=True)(serial)
-        self.__doc__ = fn.__doc__
-
-    def __call__(self, *args):
-        build = self.parallel if use_parallel(args[0].size) else self.serial
-        return build(*args)
-
-
-def kernel(fn):
-    """Decorator: compile ``fn`` as a :class:`_Kernel`."""
-    return _Kernel(fn)
-
-
-@kernel
-def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask, n_chunks):
+@njit(cache=True)
+def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask):
     """Histogram of the 16-bit digit at ``shift`` of ``keys & abs_mask``.
 
     Only keys whose bits selected by ``prefix_mask`` equal ``prefix`` are counted.
     ``keys`` is the flat integer view of a float array: for non-negative floats the
     integer order of the bit patterns is the numeric order.
     """
-    n = keys.size
-    hist = np.zeros((n_chunks, _N_BINS), np.int64)
-    chunk = (n + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        lo = c * chunk
-        hi = min(n, lo + chunk)
-        for i in range(lo, hi):
-            key = np.int64(keys[i]) & abs_mask
-            if (key & prefix_mask) == prefix:
-                hist[c, (key >> shift) & (_N_BINS - 1)] += 1
+    hist = np.zeros(_N_BINS, np.int64)
+    for i in range(keys.size):
+        key = np.int64(keys[i]) & abs_mask
+        if (key & prefix_mask) == prefix:
+            hist[(key >> shift) & (_N_BINS - 1)] += 1
     return hist
 
 
-@kernel
-def _add_and_top_histogram(y, u, y_keys, abs_mask, shift, n_chunks):
+@njit(cache=True)
+def _add_and_top_histogram(y, u, y_keys, abs_mask, shift):
     """``y += u`` (flat views) fused with the first histogram pass over ``|y|``.
 
     ``y_keys`` is the integer view of ``y``'s memory; it is read after each write.
     """
-    n = y.size
-    hist = np.zeros((n_chunks, _N_BINS), np.int64)
-    chunk = (n + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        lo = c * chunk
-        hi = min(n, lo + chunk)
-        for i in range(lo, hi):
-            y[i] = y[i] + u[i]
-            key = np.int64(y_keys[i]) & abs_mask
-            hist[c, (key >> shift) & (_N_BINS - 1)] += 1
+    hist = np.zeros(_N_BINS, np.int64)
+    for i in range(y.size):
+        y[i] = y[i] + u[i]
+        key = np.int64(y_keys[i]) & abs_mask
+        hist[(key >> shift) & (_N_BINS - 1)] += 1
     return hist
 
 
@@ -95,7 +57,7 @@ def _key_view(flat: np.ndarray):
     return flat.view(np.int64), np.int64(0x7FFFFFFFFFFFFFFF), 64
 
 
-def _radix_select(keys, abs_mask, total_bits, index, n_chunks, first_hist=None):
+def _radix_select(keys, abs_mask, total_bits, index, first_hist=None):
     """Key of the element of 0-based rank ``index`` among ``keys & abs_mask``."""
     prefix = 0
     prefix_mask = 0
@@ -106,9 +68,9 @@ def _radix_select(keys, abs_mask, total_bits, index, n_chunks, first_hist=None):
             hist, first_hist = first_hist, None
         else:
             hist = _abs_key_histogram(
-                keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask), n_chunks
+                keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask)
             )
-        cumulative = np.cumsum(hist.sum(axis=0))
+        cumulative = np.cumsum(hist)
         digit = int(np.searchsorted(cumulative, rank, side="right"))
         if digit > 0:
             rank -= int(cumulative[digit - 1])
@@ -124,7 +86,7 @@ def _key_to_float(prefix: int, dtype) -> float:
     return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
 
 
-def kth_smallest_abs(values: np.ndarray, index: int, n_threads: int) -> float:
+def kth_smallest_abs(values: np.ndarray, index: int) -> float:
     """Value at 0-based position ``index`` of ``np.sort(np.abs(values), axis=None)``.
 
     Radix selection on the float bit patterns (16 bits a pass, most significant
@@ -132,12 +94,11 @@ def kth_smallest_abs(values: np.ndarray, index: int, n_threads: int) -> float:
     """
     flat = values.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    n_chunks = max(1, n_threads) if use_parallel(flat.size) else 1
-    prefix = _radix_select(keys, abs_mask, total_bits, index, n_chunks)
+    prefix = _radix_select(keys, abs_mask, total_bits, index)
     return _key_to_float(prefix, flat.dtype)
 
 
-def add_and_select(y: np.ndarray, u: np.ndarray, index: int, n_threads: int) -> float:
+def add_and_select(y: np.ndarray, u: np.ndarray, index: int) -> float:
     """``y += u`` in place, then the value at position ``index`` of ``sort(|y|)``.
 
     The addition is fused with the first radix pass, so a float32 selection costs one
@@ -145,26 +106,25 @@ def add_and_select(y: np.ndarray, u: np.ndarray, index: int, n_threads: int) -> 
     """
     flat = y.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    n_chunks = max(1, n_threads) if use_parallel(flat.size) else 1
     first = _add_and_top_histogram(
-        flat, u.reshape(-1), keys, abs_mask, np.int64(total_bits - _DIGIT_BITS), n_chunks
+        flat, u.reshape(-1), keys, abs_mask, np.int64(total_bits - _DIGIT_BITS)
     )
-    prefix = _radix_select(keys, abs_mask, total_bits, index, n_chunks, first)
+    prefix = _radix_select(keys, abs_mask, total_bits, index, first)
     return _key_to_float(prefix, flat.dtype)
 
 
-@kernel
+@njit(cache=True)
 def add_inplace(y, u):
     """``y += u``."""
-    for i in prange(y.shape[0]):
+    for i in range(y.shape[0]):
         for j in range(y.shape[1]):
             y[i, j] += u[i, j]
 
 
-@kernel
+@njit(cache=True)
 def warm_start(cross, z_prev, u_prev, scale, rho0, u_out, rhs_out):
     """``u_out = scale*u_prev``; ``rhs_out = cross + rho0*(scale*z_prev - u_out)``."""
-    for i in prange(cross.shape[0]):
+    for i in range(cross.shape[0]):
         s = scale[i]
         for j in range(cross.shape[1]):
             z = z_prev[i, j] * s
@@ -173,14 +133,14 @@ def warm_start(cross, z_prev, u_prev, scale, rho0, u_out, rhs_out):
             rhs_out[i, j] = cross[i, j] + rho0 * (z - u)
 
 
-@kernel
+@njit(cache=True)
 def admm_update(y, u, cross, mask, rho, last, tau, refresh, y_is_sum):
     """Fused z/u update and next right-hand side, in place (see ArrayAPIEngine.admm_update).
 
     ``u`` receives ``u_new``; ``y`` receives ``z`` when ``last`` else the next rhs;
     ``mask`` is rewritten as ``|v| > tau`` when ``refresh``.
     """
-    for i in prange(y.shape[0]):
+    for i in range(y.shape[0]):
         for j in range(y.shape[1]):
             v = y[i, j] if y_is_sum else y[i, j] + u[i, j]
             if refresh:
@@ -197,10 +157,10 @@ def admm_update(y, u, cross, mask, rho, last, tau, refresh, y_is_sum):
                 y[i, j] = cross[i, j] + rho * (z - un)
 
 
-@kernel
+@njit(cache=True)
 def scale_rows_inplace(a, scale, divide):
     """``a <- diag(scale) a`` or ``a <- diag(scale)^-1 a``."""
-    for i in prange(a.shape[0]):
+    for i in range(a.shape[0]):
         s = scale[i]
         if divide:
             for j in range(a.shape[1]):
@@ -210,10 +170,10 @@ def scale_rows_inplace(a, scale, divide):
                 a[i, j] = a[i, j] * s
 
 
-@kernel
+@njit(cache=True)
 def symmetrize_from_lower(a):
     """Copy the strict lower triangle of ``a`` onto its upper triangle."""
     n = a.shape[0]
-    for i in prange(n):
+    for i in range(n):
         for j in range(i + 1, n):
             a[i, j] = a[j, i]

@@ -18,7 +18,9 @@ the kernels run, never in what they compute:
   workers of one pool steal the cores of the other). During a fit, SciPy's pool (used
   only for the small LAPACK inversions) is therefore limited to one thread.
 - Selection: radix select on float bit patterns in Numba (no sort).
-- z/u/mask/rhs updates: one fused parallel pass, in place.
+- z/u/mask/rhs updates: one fused pass, in place.
+- The Numba kernels are serial: parallel kernels lost to OpenBLAS's spinning idle
+  threads (measurements in :mod:`sparsefact.backends._numba_kernels`).
 """
 
 from __future__ import annotations
@@ -95,9 +97,6 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         import array_api_compat.numpy as np_compat
 
         super().__init__(np_compat)
-        import numba
-
-        self.n_threads = numba.get_num_threads()
 
     def loop_context(self) -> contextlib.AbstractContextManager:
         return _single_threaded_foreign_blas()
@@ -134,11 +133,11 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         return inverse
 
     def kth_smallest_abs(self, v, index):
-        return nk.kth_smallest_abs(_c_contiguous(v), index, self.n_threads)
+        return nk.kth_smallest_abs(_c_contiguous(v), index)
 
     def add_and_select(self, y, u, index):
         y = _c_contiguous(y)
-        tau = nk.add_and_select(y, _c_contiguous(u), index, self.n_threads)
+        tau = nk.add_and_select(y, _c_contiguous(u), index)
         return y, tau
 
     def add(self, y, u):
