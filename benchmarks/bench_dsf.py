@@ -4,8 +4,9 @@ For each shape, fits DSF with default settings, calibrated with a random Gram, a
 prints: seconds, calibrated error, the FLOPs the algorithm must do (counted by the
 solvers: products, Gram products counted as symmetric, Cholesky inversions), the
 achieved rate over the GEMM rate measured in the same run, and a per-phase time split
-(solves = products and inversions, selection = threshold search, element-wise = fused
-ADMM passes and scalings, other = Python, error evaluation and everything else).
+(products = the matrix products, inverses = the Cholesky inversions, selection =
+threshold search, element-wise = fused ADMM passes and scalings, other = Python, error
+evaluation and everything else).
 
 Usage::
 
@@ -31,8 +32,8 @@ from sparsefact.backends.numpy_numba import NumpyNumbaEngine
 from sparsefact.dsf import double_sparse_factorization
 
 PHASES = {
-    "matmul": "solves",
-    "spd_inverse": "solves",
+    "matmul": "products",
+    "spd_inverse": "inverses",
     "kth_smallest_abs": "selection",
     "add_and_select": "selection",
     "column_kth_smallest_abs": "selection",
@@ -138,10 +139,10 @@ def main(argv=None) -> None:
         )
     columns = (
         "shape", "seconds", "calibrated error", "GFLOP", "GFLOP/s", "GEMM GFLOP/s",
-        "fraction of GEMM", "solves", "selection", "element-wise", "other",
+        "fraction of GEMM", "products", "inverses", "selection", "element-wise", "other",
     )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    phase_names = ("solves", "selection", "element-wise", "other")
+    phase_names = ("products", "inverses", "selection", "element-wise", "other")
     for r in rows:
         ph = r["phases_s"]
         lines.append(
