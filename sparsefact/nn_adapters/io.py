@@ -249,7 +249,7 @@ def _read_factor(tensors, key: str, storage: str, shape: list[int], dtype: torch
         raise ValueError(f"{key}.crow_indices is not a valid CSR row pointer for {val.numel()} values")
     if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
         raise ValueError(f"{key}.col_indices out of range for {cols} columns")
-    return torch.sparse_csr_tensor(crow64, col64, val.to(dtype), size=(rows, cols))
+    return torch.sparse_csr_tensor(crow64, col64, val.to(dtype), size=(rows, cols), check_invariants=True)
 
 
 def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:

@@ -123,6 +123,7 @@ def _as_torch(M: Any, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
             torch.from_numpy(np.asarray(csr.data)).to(target),
             size=tuple(int(s) for s in csr.shape),
             device=device,
+            check_invariants=True,
         )
     arr = np.asarray(M)
     if arr.dtype == object:
@@ -320,7 +321,8 @@ class _FactorModule(nn.Module):
                 self._buffers[k] = b
         for k, b in sparse.items():
             new._buffers[k] = torch.sparse_csr_tensor(
-                b.crow_indices().clone(), b.col_indices().clone(), b.values().clone(), size=b.shape
+                b.crow_indices().clone(), b.col_indices().clone(), b.values().clone(), size=b.shape,
+                check_invariants=False,  # copied from a tensor that passed the checks
             )
         return new
 
