@@ -29,7 +29,7 @@ from .backends import BACKENDS, get_engine
 from .calibration import Calibration
 from .dsf import double_sparse_factorization, search_split
 from .dsf_exact import double_sparse_factorization_exact
-from .masks import global_topk_mask, row_topk_mask
+from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask, row_topk_mask
 from .metrics import relative_error
 
 
@@ -510,11 +510,16 @@ class MagnitudePruning(_BaseCompressor):
     Parameters
     ----------
     density : float in (0, 1], default=0.5
-        Kept fraction of the ``m * n`` entries: exactly ``round(density * m * n)``
-        entries for ``scope="matrix"``, ``round(density * n)`` per row for
-        ``scope="row"``.
+        Kept fraction of the ``m * n`` entries: exactly ``floor(density * m * n)``
+        entries for ``scope="matrix"`` (:func:`sparsefact.masks.kept_budget`),
+        ``floor(density * n)`` per row for ``scope="row"``.
     scope : {"matrix", "row"}, default="matrix"
         One threshold over the whole matrix, or per output row.
+    n_m : tuple (N, M) or None, default=None
+        Semi-structured N:M sparsity: each output row keeps the ``N`` largest of every
+        group of ``M`` consecutive inputs (``(2, 4)`` is the 2:4 pattern of sparse tensor
+        cores). ``density`` must equal ``N / M`` and ``M`` must divide the number of
+        columns; ``scope`` is then ignored.
     backend : str, default="auto"
         Accepted for a uniform API; selection runs on the CPU.
 
@@ -529,11 +534,20 @@ class MagnitudePruning(_BaseCompressor):
         **_BaseCompressor._parameter_constraints,
         "density": [Interval(Real, 0, 1, closed="right")],
         "scope": [StrOptions({"matrix", "row"})],
+        "n_m": [tuple, list, None],
     }
 
-    def __init__(self, density: float = 0.5, *, scope: str = "matrix", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        density: float = 0.5,
+        *,
+        scope: str = "matrix",
+        n_m: tuple[int, int] | None = None,
+        backend: str = "auto",
+    ) -> None:
         self.density = density
         self.scope = scope
+        self.n_m = n_m
         self.backend = backend
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -542,10 +556,13 @@ class MagnitudePruning(_BaseCompressor):
         W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
         values = to_numpy(W_checked)
         m, n = values.shape
-        if self.scope == "matrix":
-            mask = global_topk_mask(np.abs(values), int(round(self.density * m * n)))
+        n_m = check_n_m(self.n_m, self.density, n)
+        if n_m is not None:
+            mask = n_m_mask(np.abs(values), *n_m)
+        elif self.scope == "matrix":
+            mask = global_topk_mask(np.abs(values), kept_budget(self.density, m * n))
         else:
-            mask = row_topk_mask(np.abs(values), int(round(self.density * n)))
+            mask = row_topk_mask(np.abs(values), kept_budget(self.density, n))
         pruned = np.where(mask, values, 0).astype(values.dtype, copy=False)
         self._dense = convert_to_namespace(pruned, W_checked, xp)
         self.weight_ = sp.csr_array(pruned)

@@ -17,6 +17,8 @@ never a full sort.
 from __future__ import annotations
 
 import math
+from numbers import Integral
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +54,54 @@ def strict_threshold_index(budget: float, numel: int, floor: float = DENSITY_FLO
 def strict_kept_count(budget: float, numel: int, floor: float = DENSITY_FLOOR) -> int:
     """Entries kept by the strict rule when no two magnitudes tie (an upper bound)."""
     return numel - strict_threshold_index(budget, numel, floor) - 1
+
+
+def kept_budget(density: float, total: int) -> int:
+    """Number of entries a density keeps: ``floor(density * total)``.
+
+    A product within ``1e-9`` (relative) of an integer is taken as that integer, so
+    that decimal densities are not lost to binary rounding (``0.29 * 100`` is
+    ``28.999999999999996`` in floating point; this returns 29).
+
+    Parameters
+    ----------
+    density : float
+        Kept fraction in ``[0, 1]``.
+    total : int
+        Number of entries.
+
+    Returns
+    -------
+    int
+        In ``[0, total]``.
+    """
+    value = float(density) * float(total)
+    nearest = round(value)
+    near_integer = abs(value - nearest) <= 1e-9 * max(1.0, abs(value))
+    kept = int(nearest) if near_integer else int(math.floor(value))
+    return min(max(kept, 0), int(total))
+
+
+def check_n_m(n_m: Any, density: float, n_features: int) -> tuple[int, int] | None:
+    """Validate ``n_m`` against ``density`` and the number of columns; return ``(N, M)``."""
+    if n_m is None:
+        return None
+    if len(n_m) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in n_m):
+        raise ValueError(f"n_m must be a pair of integers (N, M), got {n_m!r}")
+    keep, group = int(n_m[0]), int(n_m[1])
+    if not 0 < keep <= group:
+        raise ValueError(f"n_m=(N, M) must satisfy 0 < N <= M, got ({keep}, {group})")
+    if abs(float(density) - keep / group) > 1e-12:
+        raise ValueError(
+            f"n_m=({keep}, {group}) keeps {keep}/{group} of the weights, but density={density}; "
+            f"set density={keep}/{group} (the pattern fixes the density)"
+        )
+    if n_features % group:
+        raise ValueError(
+            f"N:M sparsity needs the number of columns of W ({n_features}) to be a multiple "
+            f"of M={group}"
+        )
+    return keep, group
 
 
 def _flat_topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

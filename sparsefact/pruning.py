@@ -43,7 +43,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._validation import convert_to_namespace, to_numpy
 from .calibration import Calibration
 from .estimators import _BaseCompressor, _to_sparse
-from .masks import global_topk_mask, n_m_mask
+from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask
 
 #: Added to ``sqrt(diag G)`` before dividing by it (ADMM preconditioning).
 PRECONDITION_EPS = 1e-8
@@ -56,54 +56,6 @@ _SPARSEGPT_PANEL = 16
 
 
 # ---------------------------------------------------------------------- helpers
-def kept_budget(density: float, total: int) -> int:
-    """Number of entries a density keeps: ``floor(density * total)``.
-
-    A product within ``1e-9`` (relative) of an integer is taken as that integer, so
-    that decimal densities are not lost to binary rounding (``0.29 * 100`` is
-    ``28.999999999999996`` in floating point; this returns 29).
-
-    Parameters
-    ----------
-    density : float
-        Kept fraction in ``[0, 1]``.
-    total : int
-        Number of entries.
-
-    Returns
-    -------
-    int
-        In ``[0, total]``.
-    """
-    value = float(density) * float(total)
-    nearest = round(value)
-    near_integer = abs(value - nearest) <= 1e-9 * max(1.0, abs(value))
-    kept = int(nearest) if near_integer else int(math.floor(value))
-    return min(max(kept, 0), int(total))
-
-
-def _check_n_m(n_m: Any, density: float, n_features: int) -> tuple[int, int] | None:
-    """Validate ``n_m`` against ``density`` and the number of columns; return ``(N, M)``."""
-    if n_m is None:
-        return None
-    if len(n_m) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in n_m):
-        raise ValueError(f"n_m must be a pair of integers (N, M), got {n_m!r}")
-    keep, group = int(n_m[0]), int(n_m[1])
-    if not 0 < keep <= group:
-        raise ValueError(f"n_m=(N, M) must satisfy 0 < N <= M, got ({keep}, {group})")
-    if abs(float(density) - keep / group) > 1e-12:
-        raise ValueError(
-            f"n_m=({keep}, {group}) keeps {keep}/{group} of the weights, but density={density}; "
-            f"set density={keep}/{group} (the pattern fixes the density)"
-        )
-    if n_features % group:
-        raise ValueError(
-            f"N:M sparsity needs the number of columns of W ({n_features}) to be a multiple "
-            f"of M={group}"
-        )
-    return keep, group
-
-
 def _row_budget_mask(scores: np.ndarray, kept: int) -> np.ndarray:
     """Keep exactly ``kept`` entries, spread over the rows as evenly as possible.
 
@@ -293,7 +245,7 @@ class Wanda(_SparseWeightCompressor):
         W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
         values = to_numpy(W_checked)
         m, n = values.shape
-        n_m = _check_n_m(self.n_m, self.density, n)
+        n_m = check_n_m(self.n_m, self.density, n)
         scores = np.abs(values).astype(np.float64)
         if gram is not None:
             scores *= np.sqrt(np.maximum(np.diagonal(to_numpy(gram)).astype(np.float64), 0.0))
@@ -529,7 +481,7 @@ class SparseGPT(_SparseWeightCompressor):
         W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
         values = to_numpy(W_checked)
         m, n = values.shape
-        n_m = _check_n_m(self.n_m, self.density, n)
+        n_m = check_n_m(self.n_m, self.density, n)
         try:
             pruned = sparsegpt_prune(
                 values,

@@ -309,3 +309,21 @@ def test_empty_initial_factor():
     est = DoubleSparseFactorization(density=1.0, split=1.0, max_iter=6, tol=0).fit(gaussian(2, 3))
     assert est.nnz_ <= 6
     assert est.reconstruction_err_ < 1.0
+
+
+def test_magnitude_pruning_n_m_pattern_and_exact_budget():
+    W = gaussian(12, 16)
+    est = MagnitudePruning(0.5, n_m=(2, 4)).fit(W)
+    groups = (est.reconstruct() != 0).reshape(12, 4, 4).sum(axis=2)
+    assert (groups == 2).all() and est.nnz_ == 96
+    kept = np.abs(W).reshape(12, 4, 4)
+    # the two kept entries of every group are its two largest magnitudes
+    ranks = np.argsort(np.argsort(-kept, axis=2), axis=2)
+    assert np.array_equal((est.reconstruct() != 0).reshape(12, 4, 4), ranks < 2)
+    with pytest.raises(ValueError, match="density=0.3"):
+        MagnitudePruning(0.3, n_m=(2, 4)).fit(W)
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        MagnitudePruning(0.5, n_m=(2, 4)).fit(gaussian(12, 10))
+    # floor, never above the budget: 0.29 * 100 keeps 29 (decimal), 0.333 * 100 keeps 33
+    assert MagnitudePruning(0.29).fit(gaussian(10, 10)).nnz_ == 29
+    assert MagnitudePruning(0.333).fit(gaussian(10, 10)).nnz_ == 33
