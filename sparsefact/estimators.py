@@ -400,7 +400,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
                 f"{abs(errs[-1] - errs[-2]) / max(errs[-1], 1e-12):.2%} in the last of "
                 f"{self.max_iter} iterations (tol={self.tol}); increase max_iter.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,  # the user call, above the _fit_context wrapper
             )
         return self
 
