@@ -131,6 +131,13 @@ def _as_torch(M: Any, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=target)
 
 
+def _fitted_factors(est: Any) -> tuple[Any, Any]:
+    """``(A_, B_)`` of a fitted DSF estimator, on the host."""
+    if not (hasattr(est, "A_") and hasattr(est, "B_")):
+        raise ValueError(f"{type(est).__name__} is not a fitted DoubleSparseFactorization (no A_/B_)")
+    return _host(est.A_), _host(est.B_)
+
+
 def _nnz(W: torch.Tensor) -> int:
     if W.layout is torch.sparse_csr:
         return int(torch.count_nonzero(W.values()))
@@ -393,9 +400,7 @@ class DoubleSparseLinear(_FactorModule):
     @classmethod
     def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseLinear:
         """Build from a fitted :class:`~sparsefact.DoubleSparseFactorization` (its ``A_``, ``B_``)."""
-        if not (hasattr(est, "A_") and hasattr(est, "B_")):
-            raise ValueError(f"{type(est).__name__} is not a fitted DoubleSparseFactorization (no A_/B_)")
-        return cls.from_factors(_host(est.A_), _host(est.B_), bias, **kw)
+        return cls.from_factors(*_fitted_factors(est), bias, **kw)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``A @ B`` of shape (out_features, in_features)."""
@@ -543,9 +548,7 @@ class DoubleSparseConv2d(_FactorModule):
     @classmethod
     def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseConv2d:
         """Build from a DSF fitted to ``conv.weight.flatten(1)``; conv geometry as keywords."""
-        if not (hasattr(est, "A_") and hasattr(est, "B_")):
-            raise ValueError(f"{type(est).__name__} is not a fitted DoubleSparseFactorization (no A_/B_)")
-        return cls.from_factors(_host(est.A_), _host(est.B_), bias, **kw)
+        return cls.from_factors(*_fitted_factors(est), bias, **kw)
 
     def to_dense(self) -> torch.Tensor:
         """The dense kernel ``(A @ B).reshape(out, C_in, kh, kw)``."""
