@@ -10,6 +10,7 @@ only through its Gram ``F^T F`` and the cross term ``F^T T``; the unknown ``Y`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +152,7 @@ def admm_loop(
     u: Any,
     mask: Any,
     *,
-    threshold_index: int = 0,
+    threshold_index: int | Callable[[int], int] = 0,
     rho: float = 1.0,
     n_iter: int = 5,
     mask_iter: int = 2,
@@ -175,6 +176,10 @@ def admm_loop(
         Right-hand side term, first x-iterate, scaled dual (consumed).
     mask : bool array or None
         Fixed support when ``mask_iter == 0``.
+    threshold_index : int or callable
+        Position of the threshold in the sorted magnitudes, or ``i -> position`` for a
+        schedule over the re-selecting iterations; a negative position keeps every
+        entry.
 
     Returns
     -------
@@ -187,12 +192,15 @@ def admm_loop(
     for i in range(n_iter):
         last = i == n_iter - 1
         if i < mask_iter:
-            if scope == "global":
-                v, tau = engine.add_and_select(y, u, threshold_index)
+            index = threshold_index(i) if callable(threshold_index) else threshold_index
+            if index < 0:
+                v, tau = engine.add(y, u), -1.0
+            elif scope == "global":
+                v, tau = engine.add_and_select(y, u, index)
             else:
                 v = engine.add(y, u)
                 select = engine.column_kth_smallest_abs if scope == "column" else engine.row_kth_smallest_abs
-                tau = select(v, threshold_index)
+                tau = select(v, index)
             mask, u, out = engine.admm_update(v, u, cross, mask, rho, last, tau, True)
             if counters is not None:
                 counters.selections += 1

@@ -41,6 +41,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._validation import convert_to_namespace, to_numpy
+from .admm import admm_loop
 from .calibration import Calibration
 from .estimators import _BaseCompressor, _to_sparse
 from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask
@@ -659,19 +660,15 @@ class ADMMPruning(_SparseWeightCompressor):
             else:
                 support = None
                 n_select = max(1, min(self.mask_iter, self.n_iter))
-            for t in range(self.n_iter + 1):
-                last = t == self.n_iter
-                if t < n_select:
-                    index = total - self._kept_at(t, n_select, kept, total) - 1
-                    if index < 0:  # keep everything
-                        v, tau = engine.add(y_cur, u), -1.0
-                    else:
-                        v, tau = engine.add_and_select(y_cur, u, index)
-                    support, u, out = engine.admm_update(v, u, cross, support, self.rho, last, tau, True)
-                else:
-                    support, u, out = engine.admm_update(y_cur, u, cross, support, self.rho, last)
-                if not last:
-                    y_cur = engine.matmul(inverse, out)
+
+            def index_at(t: int) -> int:
+                return total - self._kept_at(t, n_select, kept, total) - 1
+
+            # The reference order: n_iter x-steps, then a final z-step (n_iter + 1 z-steps).
+            out, _ = admm_loop(
+                engine, lambda rhs: engine.matmul(inverse, rhs), cross, y_cur, u, support,
+                threshold_index=index_at, rho=self.rho, n_iter=self.n_iter + 1, mask_iter=n_select,
+            )
             pruned = engine.copy(engine.unscale_rows(out, scale).T)
         self._store(pruned, W_checked, xp, gram, engine.name)
         return self
