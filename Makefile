@@ -9,7 +9,7 @@
 #                 Wanda and SparseGPT on held-out sentence embeddings (the main job)
 #   make demo     factorise a built-in synthetic layer, compare with magnitude pruning
 #   make test     run the test suite (pytest), torch/model tests included
-#   make lint     ruff check
+#   make lint     ruff check (sparsefact, tests, benchmarks)
 #   make bench    CPU speed benchmark (minutes; writes benchmarks/results/bench_dsf.json)
 
 PYTHON ?= python3
@@ -37,7 +37,7 @@ help:
 	@echo "make compress - set up .venv (with torch) if needed, then 'sparsefact compress' (MiniLM, density 0.5)"
 	@echo "make demo   - set up .venv if needed, then run 'sparsefact demo' (DSF vs magnitude pruning)"
 	@echo "make test   - set up .venv if needed, then run the tests (pytest)"
-	@echo "make lint   - ruff check sparsefact tests"
+	@echo "make lint   - ruff check sparsefact tests benchmarks"
 	@echo "make bench  - CPU benchmark (benchmarks/bench_dsf.py, takes minutes)"
 	@echo "make clean  - remove caches and demo/compress output; 'make distclean' also removes .venv"
 
@@ -76,7 +76,7 @@ test: $(FULL_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sparsefact tests
+	$(VENV)/bin/ruff check sparsefact tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dsf.py $(BENCH_ARGS)
