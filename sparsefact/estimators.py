@@ -39,7 +39,13 @@ def _to_sparse(dense: Any) -> Any:
         import cupyx.scipy.sparse as csp
 
         return csp.csr_matrix(dense)
-    return sp.csr_array(to_numpy(dense))
+    values = np.ascontiguousarray(to_numpy(dense))
+    if values.dtype in (np.float32, np.float64) and values.ndim == 2:
+        from .backends._numba_kernels import dense_to_csr
+
+        data, indices, indptr = dense_to_csr(values)
+        return sp.csr_array((data, indices, indptr), shape=values.shape)
+    return sp.csr_array(values)
 
 
 def _ndim(value: Any) -> int:

@@ -267,3 +267,21 @@ def test_array_api_strict_fit_stays_in_its_namespace(dtype_name):
     tol = 1e-4 if dtype_name == "float32" else 1e-10
     np.testing.assert_allclose(np.asarray(W_hat), reference.reconstruct(), rtol=tol, atol=tol)
     assert est.calibrated_err_ == pytest.approx(reference.calibrated_err_, rel=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_to_csr_matches_scipy(dtype):
+    import scipy.sparse as sp
+
+    from sparsefact.estimators import _to_sparse
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (3, 7), (64, 33)]:
+        a = rng.standard_normal(shape).astype(dtype)
+        a[np.abs(a) < 0.7] = 0
+        a[0] = 0  # an empty row
+        ours, reference = _to_sparse(a), sp.csr_array(a)
+        assert ours.dtype == dtype and ours.shape == shape and ours.has_canonical_format
+        np.testing.assert_array_equal(ours.indptr, reference.indptr)
+        np.testing.assert_array_equal(ours.indices, reference.indices)
+        np.testing.assert_array_equal(ours.data, reference.data)

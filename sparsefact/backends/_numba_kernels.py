@@ -177,3 +177,42 @@ def symmetrize_from_lower(a):
     for i in range(n):
         for j in range(i + 1, n):
             a[i, j] = a[j, i]
+
+
+@njit(cache=True)
+def csr_row_pointer(a):
+    """Row pointer (``indptr``) of the nonzeros of a dense 2-D array."""
+    rows, cols = a.shape
+    indptr = np.zeros(rows + 1, np.int64)
+    for i in range(rows):
+        count = 0
+        for j in range(cols):
+            if a[i, j] != 0:
+                count += 1
+        indptr[i + 1] = indptr[i] + count
+    return indptr
+
+
+@njit(cache=True)
+def csr_fill(a, indptr, data, indices):
+    """Fill ``data`` and ``indices`` (preallocated to ``indptr[-1]``) from dense ``a``."""
+    rows, cols = a.shape
+    for i in range(rows):
+        p = indptr[i]
+        for j in range(cols):
+            x = a[i, j]
+            if x != 0:
+                data[p] = x
+                indices[p] = j
+                p += 1
+
+
+def dense_to_csr(a: np.ndarray):
+    """CSR arrays ``(data, indices, indptr)`` of a dense 2-D array (int32 indices when they fit)."""
+    indptr = csr_row_pointer(a)
+    nnz = int(indptr[-1])
+    index_type = np.int32 if max(a.shape[1], nnz) < 2**31 else np.int64
+    data = np.empty(nnz, a.dtype)
+    indices = np.empty(nnz, index_type)
+    csr_fill(a, indptr, data, indices)
+    return data, indices, indptr.astype(index_type)
