@@ -364,11 +364,20 @@ def run_compress(
         "layers": {name: list(rep) for name, rep in layer_reports.items()},
     }
     if output_dir is not None:
-        from .nn_adapters.io import save_compressed
+        from .nn_adapters.io import compression_report, save_compressed
 
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_compressed(compressed, output_dir / "model.safetensors")
+        storage = compression_report(compressed)
+        total = storage[-1]
+        result["storage"] = {
+            "modules": storage[:-1],
+            "dense_bytes": total["dense_bytes"],
+            "compressed_bytes": total["compressed_bytes"],
+            "ratio": total["ratio"],
+            "file_bytes": (output_dir / "model.safetensors").stat().st_size,
+        }
         result["files"] = {
             "model": str(output_dir / "model.safetensors"),
             "report_json": str(output_dir / "report.json"),
@@ -382,11 +391,22 @@ def run_compress(
             "```\n",
             f"## Layers ({method})\n",
             layer_reports[method].to_markdown(),
+            format_storage(result["storage"]) + "\n",
             "The compressed model loads without calibration: "
             "`sparsefact.nn_adapters.load_compressed(dense_model, 'model.safetensors')`.",
         ]
         (output_dir / "report.md").write_text("\n".join(markdown) + "\n")
     return result
+
+
+def format_storage(storage: dict[str, Any]) -> str:
+    """One line: bytes of the compressed layers, dense vs as saved, and the file size."""
+    mib = 1024 * 1024
+    return (
+        f"storage of the {len(storage['modules'])} compressed layers: dense "
+        f"{storage['dense_bytes'] / mib:.1f} MiB, compressed {storage['compressed_bytes'] / mib:.1f} MiB "
+        f"({storage['ratio']:.0%}); model.safetensors (whole model) {storage['file_bytes'] / mib:.1f} MiB"
+    )
 
 
 def format_compress_table(result: dict[str, Any]) -> str:
@@ -614,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print()
         print(format_compress_table(result))
+        if "storage" in result:
+            print(format_storage(result["storage"]))
         if "files" in result:
             print(f"compressed model: {result['files']['model']}; report: {result['files']['report_md']}")
         print(f"total time {result['seconds']:.0f}s")

@@ -99,6 +99,12 @@ def test_minilm_dsf_keeps_embeddings_and_beats_magnitude(tmp_path):
     assert rows["dsf"]["mean_layer_err"] < rows["magnitude"]["mean_layer_err"]
     assert "mean cosine" in printed and "dsf" in printed
     assert (out_dir / "report.md").read_text().startswith("# sparsefact compress")
+    # dense vs compressed bytes of the 12 replaced layers, and the file on disk
+    storage = report["storage"]
+    assert len(storage["modules"]) == 12
+    assert storage["compressed_bytes"] < storage["dense_bytes"]
+    assert storage["file_bytes"] == (out_dir / "model.safetensors").stat().st_size
+    assert "storage of the 12 compressed layers" in printed
 
     # The saved model loads into a fresh dense MiniLM and reproduces the embeddings' quality.
     model, tokenizer = load_text_model()
