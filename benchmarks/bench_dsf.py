@@ -34,6 +34,7 @@ from sparsefact.dsf import double_sparse_factorization
 PHASES = {
     "matmul": "products",
     "spd_inverse": "inverses",
+    "spd_inverse_pair": "inverses",
     "kth_smallest_abs": "selection",
     "add_and_select": "selection",
     "column_kth_smallest_abs": "selection",

@@ -122,8 +122,10 @@ def sparse_least_squares(
     ridge_value = relative_ridge(engine, system, ridge)
     cross_n = engine.unscale_rows(cross, scale)
     u, rhs = engine.warm_start(cross_n, z_prev, u_prev, scale, rho0)
-    inverse = engine.spd_inverse(system, ridge_value + rho)
-    inverse0 = inverse if rho0 == rho else engine.spd_inverse(system, ridge_value + rho0)
+    if rho0 == rho:
+        inverse = inverse0 = engine.spd_inverse(system, ridge_value + rho)
+    else:
+        inverse, inverse0 = engine.spd_inverse_pair(system, ridge_value + rho, ridge_value + rho0)
     y = engine.matmul(inverse0, rhs)
     k, width = cross.shape
     if counters is not None:

@@ -285,3 +285,17 @@ def test_dense_to_csr_matches_scipy(dtype):
         np.testing.assert_array_equal(ours.indptr, reference.indptr)
         np.testing.assert_array_equal(ours.indices, reference.indices)
         np.testing.assert_array_equal(ours.data, reference.data)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spd_inverse_pair_equals_two_inverses(dtype):
+    F = gaussian(300, 257, dtype)
+    G = F.T @ F / 300
+    pair = NumpyNumbaEngine().spd_inverse_pair(G, 1.01, 0.013)
+    for inverse, shift in zip(pair, (1.01, 0.013), strict=True):
+        expected = np.linalg.inv(G.astype(np.float64) + shift * np.eye(257))
+        tol = 2e-4 if dtype == np.float32 else 1e-9
+        np.testing.assert_allclose(inverse, expected, rtol=tol, atol=tol * np.abs(expected).max())
+        assert inverse.dtype == dtype
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        NumpyNumbaEngine().spd_inverse(-np.eye(4, dtype=dtype), 0.5)

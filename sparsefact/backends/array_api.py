@@ -88,6 +88,13 @@ class ArrayAPIEngine:
         """
         return self.xp.linalg.inv(self.add_to_diagonal(gram, shift))
 
+    def spd_inverse_pair(self, gram: Any, shift_a: float, shift_b: float) -> tuple[Any, Any]:
+        """``(spd_inverse(gram, shift_a), spd_inverse(gram, shift_b))``.
+
+        Engines may compute the two at the same time.
+        """
+        return self.spd_inverse(gram, shift_a), self.spd_inverse(gram, shift_b)
+
     # ------------------------------------------------------------------ selection
     def kth_smallest_abs(self, v: Any, index: int) -> float:
         """The value at 0-based position ``index`` of ``sort(|v|)`` over all entries."""

@@ -4,15 +4,20 @@ Differences from :class:`~sparsefact.backends.array_api.ArrayAPIEngine` are only
 the kernels run, never in what they compute:
 
 - ``spd_inverse``: Cholesky factorisation and inversion from the factor (LAPACK
-  ``potrf`` + ``potri``). Chosen by measurement on a 2-core machine (float32, k=1024):
-  potrf+potri 18 ms, ``np.linalg.inv`` (LU) 77 ms, ``np.linalg.eigh`` 132 ms. An
-  eigendecomposition would serve both shifts of a sub-problem (rho and the warm-start
-  rho0) with one factorisation, but costs more than two Cholesky inversions; triangular
-  solves per step would avoid the inverse but run well below GEMM speed, while with the
-  inverse every x-step is one GEMM at full rate. A recursive 2x2-block (Schur
-  complement) inversion in NumPy's GEMM was faster still, but lost accuracy in float32:
-  on the Gram of a real MiniLM layer (1536 inputs) shifted by 0.01 (condition number
-  2.6e4) its relative error was 0.62 against 8e-5 for Cholesky, so it is not used.
+  ``potrf`` + ``potri`` from SciPy, called from Numba with the GIL released). Chosen by
+  measurement on a 2-core machine (float32, k=1024): Cholesky inverse 16-21 ms,
+  ``np.linalg.inv`` (LU) 77 ms, ``np.linalg.eigh`` 132 ms. An eigendecomposition would
+  serve both shifts of a sub-problem (rho and the warm-start rho0) with one
+  factorisation, but costs more than two Cholesky inversions; triangular solves per step
+  would avoid the inverse but run well below GEMM speed, while with the inverse every
+  x-step is one GEMM at full rate. A recursive 2x2-block (Schur complement) inversion in
+  NumPy's GEMM was faster still, but lost accuracy in float32: on the Gram of a real
+  MiniLM layer (1536 inputs) shifted by 0.01 (condition number 2.6e4) its relative
+  error was 0.62 against 8e-5 for Cholesky, so it is not used.
+- ``spd_inverse_pair``: the two inversions of a sub-problem run at once, one on a
+  worker thread: each is single-threaded LAPACK (below), so together they use both
+  cores (measured: two 1024^2 inversions 17 ms concurrently against 33 ms one after
+  the other).
 - NumPy and SciPy wheels each bundle their own OpenBLAS. Alternating calls between the
   two thread pools on 2 cores measured 2.1x slower than either alone (spinning idle
   workers of one pool steal the cores of the other). During a fit, SciPy's pool (used
@@ -27,9 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy.linalg import lapack
 
 from . import _numba_kernels as nk
 from .array_api import ArrayAPIEngine
@@ -69,23 +74,25 @@ def _single_threaded_foreign_blas():
 
 
 def _cholesky_spd_inverse(shifted: np.ndarray) -> np.ndarray:
-    """Inverse of an SPD matrix by LAPACK ``potrf`` + ``potri`` (lower triangle filled)."""
-    if shifted.dtype == np.float32:
-        potrf, potri = lapack.spotrf, lapack.spotri
-    else:
-        potrf, potri = lapack.dpotrf, lapack.dpotri
-    # A C-order symmetric matrix read as Fortran order is itself: pass the transpose
-    # view so that no copy is made.
-    factor, info = potrf(shifted.T, lower=1, overwrite_a=1, clean=0)
+    """Inverse of the SPD matrix ``shifted`` (overwritten), full and symmetric."""
+    info = nk.cholesky_inverse_inplace(shifted)
     if info != 0:
         raise np.linalg.LinAlgError(
             "the shifted normal equations are not positive definite "
             f"(LAPACK potrf info={info}); the factors contain non-finite values"
         )
-    inverse, info = potri(factor, lower=1, overwrite_c=1)
-    if info != 0:  # pragma: no cover - potri fails only where potrf did
-        raise np.linalg.LinAlgError(f"LAPACK potri failed (info={info})")
-    return np.ascontiguousarray(inverse)
+    nk.symmetrize_from_lower(shifted)
+    return shifted
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsefact-lapack")
+    return _pool
 
 
 class NumpyNumbaEngine(ArrayAPIEngine):
@@ -128,9 +135,13 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         return out
 
     def spd_inverse(self, gram, shift):
-        inverse = _cholesky_spd_inverse(self.add_to_diagonal(gram, shift))
-        nk.symmetrize_from_lower(inverse)
-        return inverse
+        return _cholesky_spd_inverse(self.add_to_diagonal(gram, shift))
+
+    def spd_inverse_pair(self, gram, shift_a, shift_b):
+        # Two one-thread LAPACK inversions on two cores at once (the kernel releases the GIL).
+        pending = _worker().submit(_cholesky_spd_inverse, self.add_to_diagonal(gram, shift_b))
+        first = _cholesky_spd_inverse(self.add_to_diagonal(gram, shift_a))
+        return first, pending.result()
 
     def kth_smallest_abs(self, v, index):
         return nk.kth_smallest_abs(_c_contiguous(v), index)
