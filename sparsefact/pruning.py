@@ -42,6 +42,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._validation import convert_to_namespace, to_numpy
 from .admm import admm_loop
+from .backends._numba_kernels import obs_panel
+from .backends.numpy_numba import single_threaded_foreign_blas
 from .calibration import Calibration
 from .estimators import _BaseCompressor, _to_sparse
 from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask
@@ -311,11 +313,13 @@ def sparsegpt_prune(
         return hessian_r
 
     try:
-        factor = _reversed_factor_inverse(reversed_hessian(dtype))
+        with single_threaded_foreign_blas():  # SciPy's LAPACK next to NumPy's busy pool
+            factor = _reversed_factor_inverse(reversed_hessian(dtype))
     except np.linalg.LinAlgError:
         if dtype == np.float64:
             raise
-        factor = _reversed_factor_inverse(reversed_hessian(np.dtype(np.float64))).astype(dtype)
+        with single_threaded_foreign_blas():
+            factor = _reversed_factor_inverse(reversed_hessian(np.dtype(np.float64))).astype(dtype)
     pivots = np.diagonal(factor).copy()
     inv_pivots = (1.0 / pivots).astype(dtype)
     panel = _SPARSEGPT_PANEL
@@ -344,6 +348,11 @@ def sparsegpt_prune(
                 # coefficients of column q are one contiguous row.
                 w_p, e_p, c_p = work[a:b], errors[a - i1 : b - i1], prune_coef[a - i1 : b - i1]
                 f_t = np.ascontiguousarray(factor[a:b, a:b].T)
+                if n_m is None:  # the whole column loop of the panel in one compiled call
+                    obs_panel(w_p, f_t, e_p, c_p)
+                    if b < i2:
+                        work[b:i2] -= factor[a:b, b:i2].T @ e_p
+                    continue
                 pending = 0  # columns [pending, j) of the panel have not updated columns j..
                 for j in range(b - a):
                     if n_m is not None and (a + j - i1) % n_m[1] == 0:

@@ -269,3 +269,27 @@ def cholesky_inverse_inplace(a: np.ndarray) -> int:
     """
     kernel = _cholesky_inverse_f32 if a.dtype == np.float32 else _cholesky_inverse_f64
     return int(kernel(a))
+
+
+@njit(cache=True)
+def obs_panel(w_p, f_t, e_p, c_p):
+    """SparseGPT's column loop over one panel (unstructured mask), in place.
+
+    For each column ``j`` of the panel: ``w_p[j] -= f_t[j, :j] @ e_p[:j]`` (the OBS
+    compensation from the panel's earlier columns), then ``e_p[j] = w_p[j] * c_p[j]``.
+    Rows of the arrays are columns of ``W``; ``f_t`` is the panel's block of the upper
+    Cholesky factor of ``H^-1``, transposed.
+    """
+    width, m = w_p.shape
+    acc = np.empty(m, w_p.dtype)
+    for j in range(width):
+        if j > 0:
+            acc[:] = 0
+            for p in range(j):
+                coef = f_t[j, p]
+                for col in range(m):
+                    acc[col] += coef * e_p[p, col]
+            for col in range(m):
+                w_p[j, col] -= acc[col]
+        for col in range(m):
+            e_p[j, col] = w_p[j, col] * c_p[j, col]

@@ -45,7 +45,7 @@ def _c_contiguous(a: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _single_threaded_foreign_blas():
+def single_threaded_foreign_blas():
     """Limit every BLAS library other than NumPy's own to one thread."""
     try:
         from threadpoolctl import ThreadpoolController
@@ -106,7 +106,7 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         super().__init__(np_compat)
 
     def loop_context(self) -> contextlib.AbstractContextManager:
-        return _single_threaded_foreign_blas()
+        return single_threaded_foreign_blas()
 
     def copy(self, a):
         return np.array(a, order="C", copy=True)
