@@ -233,32 +233,25 @@ def _lapack(name: str):
     return _LAPACK_SIGNATURE(get_cython_function_address("scipy.linalg.cython_lapack", name))
 
 
-_spotrf, _spotri = _lapack("spotrf"), _lapack("spotri")
-_dpotrf, _dpotri = _lapack("dpotrf"), _lapack("dpotri")
+def _cholesky_inverse_kernel(potrf, potri):
+    """A GIL-free ``potrf`` + ``potri`` of a C-contiguous symmetric matrix, in place."""
+
+    @njit(nogil=True)
+    def kernel(a):
+        n = a.shape[0]
+        uplo = np.array([ord("U")], np.uint8)  # Fortran upper triangle = C lower triangle
+        size = np.array([n], np.int32)
+        info = np.zeros(1, np.int32)
+        potrf(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
+        if info[0] == 0:
+            potri(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
+        return info[0]
+
+    return kernel
 
 
-@njit(nogil=True)
-def _cholesky_inverse_f32(a):
-    n = a.shape[0]
-    uplo = np.array([ord("U")], np.uint8)  # Fortran upper triangle = C lower triangle
-    size = np.array([n], np.int32)
-    info = np.zeros(1, np.int32)
-    _spotrf(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
-    if info[0] == 0:
-        _spotri(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
-    return info[0]
-
-
-@njit(nogil=True)
-def _cholesky_inverse_f64(a):
-    n = a.shape[0]
-    uplo = np.array([ord("U")], np.uint8)
-    size = np.array([n], np.int32)
-    info = np.zeros(1, np.int32)
-    _dpotrf(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
-    if info[0] == 0:
-        _dpotri(uplo.ctypes.data, size.ctypes.data, a.ctypes.data, size.ctypes.data, info.ctypes.data)
-    return info[0]
+_cholesky_inverse_f32 = _cholesky_inverse_kernel(_lapack("spotrf"), _lapack("spotri"))
+_cholesky_inverse_f64 = _cholesky_inverse_kernel(_lapack("dpotrf"), _lapack("dpotri"))
 
 
 def cholesky_inverse_inplace(a: np.ndarray) -> int:
