@@ -299,3 +299,24 @@ def test_spd_inverse_pair_equals_two_inverses(dtype):
         assert inverse.dtype == dtype
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         NumpyNumbaEngine().spd_inverse(-np.eye(4, dtype=dtype), 0.5)
+
+
+def test_torch_cpu_tensors_stay_torch():
+    torch = pytest.importorskip("torch")
+    from sparsefact import DoubleSparseFactorization
+
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 32, generator=generator)
+    X = torch.randn(100, 32, generator=generator)
+    W_before = W.clone()
+    est = DoubleSparseFactorization(max_iter=4, tol=0).fit(W, X)
+    assert est.backend_ == "array_api"
+    rebuilt = est.reconstruct()
+    assert isinstance(rebuilt, torch.Tensor) and rebuilt.dtype == torch.float32
+    assert torch.equal(W, W_before)
+    codes = est.transform(W[:5])
+    assert isinstance(codes, torch.Tensor) and codes.shape == (5, est.n_components_)
+    # the same factorisation as the NumPy engine, up to float32 rounding and chaos (§6.7)
+    reference = DoubleSparseFactorization(max_iter=4, tol=0).fit(W.numpy(), X.numpy())
+    assert abs(est.calibrated_err_ - reference.calibrated_err_) < 0.03 * reference.calibrated_err_
+    assert est.nnz_ <= 0.5 * 24 * 32
