@@ -320,3 +320,23 @@ def test_torch_cpu_tensors_stay_torch():
     reference = DoubleSparseFactorization(max_iter=4, tol=0).fit(W.numpy(), X.numpy())
     assert abs(est.calibrated_err_ - reference.calibrated_err_) < 0.03 * reference.calibrated_err_
     assert est.nnz_ <= 0.5 * 24 * 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_lapack_paths_invert(dtype):
+    """NumPy's bundled LAPACK (preferred) and SciPy's (fallback) give the same inverse."""
+    from sparsefact.backends import _numba_kernels as nk
+
+    F = gaussian(140, 120, dtype)
+    G = (F.T @ F / 140 + np.eye(120)).astype(dtype)
+    expected = np.linalg.inv(G.astype(np.float64))
+    name = "s" if dtype == np.float32 else "d"
+    kernels = [nk._cholesky_inverse_kernel(nk._lapack(name + "potrf"), nk._lapack(name + "potri"))]
+    if nk.USES_NUMPY_LAPACK:
+        kernels.append(nk._INVERSE_KERNELS[np.dtype(dtype)])
+    for kernel in kernels:
+        a = G.copy()
+        assert kernel(a) == 0
+        lower = np.tril(a)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(lower, np.tril(expected), rtol=tol, atol=tol)

@@ -4,24 +4,22 @@ Differences from :class:`~sparsefact.backends.array_api.ArrayAPIEngine` are only
 the kernels run, never in what they compute:
 
 - ``spd_inverse``: Cholesky factorisation and inversion from the factor (LAPACK
-  ``potrf`` + ``potri`` from SciPy, called from Numba with the GIL released). Chosen by
-  measurement on a 2-core machine (float32, k=1024): Cholesky inverse 16-21 ms,
-  ``np.linalg.inv`` (LU) 77 ms, ``np.linalg.eigh`` 132 ms. An eigendecomposition would
-  serve both shifts of a sub-problem (rho and the warm-start rho0) with one
-  factorisation, but costs more than two Cholesky inversions; triangular solves per step
-  would avoid the inverse but run well below GEMM speed, while with the inverse every
-  x-step is one GEMM at full rate. A recursive 2x2-block (Schur complement) inversion in
-  NumPy's GEMM was faster still, but lost accuracy in float32: on the Gram of a real
-  MiniLM layer (1536 inputs) shifted by 0.01 (condition number 2.6e4) its relative
-  error was 0.62 against 8e-5 for Cholesky, so it is not used.
-- ``spd_inverse_pair``: the two inversions of a sub-problem run at once, one on a
-  worker thread: each is single-threaded LAPACK (below), so together they use both
-  cores (measured: two 1024^2 inversions 17 ms concurrently against 33 ms one after
-  the other).
-- NumPy and SciPy wheels each bundle their own OpenBLAS. Alternating calls between the
-  two thread pools on 2 cores measured 2.1x slower than either alone (spinning idle
-  workers of one pool steal the cores of the other). During a fit, SciPy's pool (used
-  only for the small LAPACK inversions) is therefore limited to one thread.
+  ``potrf`` + ``potri``, called from Numba without the GIL), preferably the LAPACK inside
+  NumPy's own OpenBLAS (:mod:`sparsefact.backends._numba_kernels`). Chosen by measurement
+  on a 2-core machine (float32, k=1024): Cholesky inverse 10 ms, ``np.linalg.inv`` (LU)
+  77 ms, ``np.linalg.eigh`` 132 ms. An eigendecomposition would serve both shifts of a
+  sub-problem (rho and the warm-start rho0) with one factorisation, but costs more than
+  two Cholesky inversions; triangular solves per step would avoid the inverse but run
+  well below GEMM speed, while with the inverse every x-step is one GEMM at full rate. A
+  recursive 2x2-block (Schur complement) inversion in NumPy's GEMM was faster still, but
+  lost accuracy in float32: on the Gram of a real MiniLM layer (1536 inputs) shifted by
+  0.01 (condition number 2.6e4) its relative error was 0.62 against 8e-5 for Cholesky.
+- One thread pool: NumPy and SciPy wheels each bundle their own OpenBLAS, whose idle
+  workers spin for a while after each call; alternating NumPy GEMMs with SciPy LAPACK on
+  2 cores measured 2.5x slower, and an inversion took 38 ms right after a GEMM against
+  10 ms with NumPy's own LAPACK. Where NumPy's LAPACK cannot be found, SciPy's is used,
+  held to one thread during fits, and ``spd_inverse_pair`` runs the two inversions of a
+  sub-problem at once on a worker thread.
 - Selection: radix select on float bit patterns in Numba (no sort).
 - z/u/mask/rhs updates: one fused pass, in place.
 - The Numba kernels are serial: parallel kernels lost to OpenBLAS's spinning idle
@@ -138,7 +136,9 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         return _cholesky_spd_inverse(self.add_to_diagonal(gram, shift))
 
     def spd_inverse_pair(self, gram, shift_a, shift_b):
-        # Two one-thread LAPACK inversions on two cores at once (the kernel releases the GIL).
+        if nk.USES_NUMPY_LAPACK:  # both in NumPy's pool, each on all its threads
+            return self.spd_inverse(gram, shift_a), self.spd_inverse(gram, shift_b)
+        # SciPy's LAPACK, one thread each: two inversions on two cores at once.
         pending = _worker().submit(_cholesky_spd_inverse, self.add_to_diagonal(gram, shift_b))
         first = _cholesky_spd_inverse(self.add_to_diagonal(gram, shift_a))
         return first, pending.result()
