@@ -448,14 +448,9 @@ finalize, finalize_iter, masks
     if scaling is not None:
         right = right / scaling[None, :]
 
-    error_before = relative_error(W, engine.matmul(left, right), gram)
-    error = error_before
-    finalized = False
-    if finalize and finalize_iter > 0:
-        left_new = finalize_output_factor(engine, W, gram, left, right, finalize_iter, rho, counters)
-        error_after = relative_error(W, engine.matmul(left_new, right), gram)
-        if error_after <= error_before:
-            left, error, finalized = left_new, error_after, True
+    left, error_before, error, finalized = finalize_if_better(
+        engine, W, gram, left, right, finalize_iter if finalize else 0, rho, counters
+    )
     if verbose > 0:
         print(
             f"[DSF] done: {n_done} iterations, calibrated error {error_before:.5f} -> "
@@ -474,6 +469,31 @@ finalize, finalize_iter, masks
         plan=plan,
         counters=counters,
     )
+
+
+def finalize_if_better(
+    engine: Any,
+    W: Any,
+    gram: Any,
+    left: Any,
+    right: Any,
+    n_iter: int,
+    rho: float,
+    counters: SolverCounters,
+) -> tuple[Any, float, float, bool]:
+    """Finalise the output-side factor and keep the result only if it lowers the error.
+
+    Returns ``(left, error_before, error, finalized)``; ``n_iter = 0`` skips the step.
+    The safeguard is ours: a warm-started ADMM with 20 steps is not guaranteed to
+    decrease the objective.
+    """
+    error_before = relative_error(W, engine.matmul(left, right), gram)
+    if n_iter > 0:
+        left_new = finalize_output_factor(engine, W, gram, left, right, n_iter, rho, counters)
+        error_after = relative_error(W, engine.matmul(left_new, right), gram)
+        if error_after <= error_before:
+            return left_new, error_before, error_after, True
+    return left, error_before, error_before, False
 
 
 def finalize_output_factor(

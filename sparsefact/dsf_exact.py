@@ -28,11 +28,10 @@ from .admm import NORM_EPS, SolverCounters, admm_loop, relative_ridge, sparse_le
 from .dsf import (
     FactorizationResult,
     _initial_other_factor,
-    finalize_output_factor,
+    finalize_if_better,
     plan_budgets,
     warm_start_weight,
 )
-from .metrics import relative_error
 
 
 def _sylvester_sparse_step(
@@ -161,13 +160,9 @@ def double_sparse_factorization_exact(
         )
         right = (z / col[:, None]) / scaling[None, :]
         u_right = (u / col[:, None]) / scaling[None, :]
-    error_before = relative_error(W, engine.matmul(left, right), gram)
-    error, finalized = error_before, False
-    if finalize and finalize_iter > 0:
-        left_new = finalize_output_factor(engine, W, gram, left, right, finalize_iter, rho, counters)
-        error_after = relative_error(W, engine.matmul(left_new, right), gram)
-        if error_after <= error_before:
-            left, error, finalized = left_new, error_after, True
+    left, error_before, error, finalized = finalize_if_better(
+        engine, W, gram, left, right, finalize_iter if finalize else 0, rho, counters
+    )
     return FactorizationResult(
         left=left, right=right, n_iter=max_iter, errors=[error_before],
         error_before_finalize=error_before, error=error, finalized=finalized,
