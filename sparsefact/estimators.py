@@ -132,9 +132,12 @@ class _BaseCompressor(BaseEstimator):
     def _engine(self, xp: Any):
         return get_engine(self.backend, xp)
 
-    def _record_errors(self, W: Any, W_hat: Any, gram: Any) -> None:
+    def _record_errors(self, W: Any, W_hat: Any, gram: Any, calibrated: float | None = None) -> None:
+        """Set ``reconstruction_err_`` and ``calibrated_err_`` (the latter given when known)."""
         self.reconstruction_err_ = relative_error(W, W_hat, None)
-        self.calibrated_err_ = self.reconstruction_err_ if gram is None else relative_error(W, W_hat, gram)
+        if calibrated is None:
+            calibrated = self.reconstruction_err_ if gram is None else relative_error(W, W_hat, gram)
+        self.calibrated_err_ = calibrated
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -393,7 +396,8 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.errors_ = list(result.errors)
         self.error_before_finalize_ = result.error_before_finalize
         self.backend_ = engine.name
-        self._record_errors(W_checked, engine.matmul(result.left, result.right), gram)
+        # result.error is relative_error(W, left @ right, gram), measured by the core
+        self._record_errors(W_checked, engine.matmul(result.left, result.right), gram, result.error)
         errs = result.errors
         if (
             self.tol > 0
