@@ -195,6 +195,17 @@ def run_demo(
     }
 
 
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([cells[0].ljust(widths[0]), *rest])
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The results of :func:`run_demo` as a plain-text table."""
     header = ("method", "density", "calibrated err", "relative err", "seconds")
@@ -208,14 +219,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
         for r in report["results"]
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest])
-
-    lines = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+    lines = plain_table(header, rows)
     layer = report["layer"]
     lines += [
         f"W {layer['m']}x{layer['n']}, {layer['n_tokens']} calibration tokens; density = nnz / (m*n), "
@@ -424,14 +428,8 @@ def format_compress_table(result: dict[str, Any]) -> str:
         )
         for r in result["results"]
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([cells[0].ljust(widths[0]), *rest])
-
     st = result["settings"]
-    lines = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+    lines = plain_table(header, rows)
     lines += [
         f"{rows and result['results'][0]['layers']} layers; calibration {st['n_calib']} sentences "
         f"({st['calib_tokens']} tokens), evaluation {st['n_eval']} held-out sentences.",
