@@ -30,6 +30,7 @@ import numpy as np
 
 from sparsefact.backends.numpy_numba import NumpyNumbaEngine
 from sparsefact.dsf import double_sparse_factorization
+from sparsefact.estimators import DoubleSparseFactorization
 
 PHASES = {
     "matmul": "products",
@@ -99,7 +100,9 @@ def run_one(m: int, n: int) -> dict:
     engine = TimedEngine(NumpyNumbaEngine())
     with engine.loop_context():
         start = time.perf_counter()
-        result = double_sparse_factorization(W, gram, engine=engine)
+        result = double_sparse_factorization(
+            W, gram, engine=engine, split="auto", **DoubleSparseFactorization()._solver_options()
+        )
         seconds = time.perf_counter() - start
     flops = result.counters.gemm_flops + result.counters.inverse_flops
     phases = dict(engine.seconds)

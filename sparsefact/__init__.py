@@ -7,24 +7,33 @@ same API. torch, cupy and dask are optional and imported only where needed.
 """
 
 from ._config import config_context, get_config
+from .base import BaseCompressor, FitOutput
 from .calibration import Calibration
 from .compare import compare, plot_tradeoff
-from .estimators import DoubleSparseFactorization, MagnitudePruning
+from .estimators import DoubleSparseFactorization
 from .lowrank import LowRank
+from .methods import MethodSpec, available_methods, get_method, register_method, unregister_method
 from .metrics import relative_error
-from .pruning import ADMMPruning, SparseGPT, Wanda
+from .pruning import ADMMPruning, MagnitudePruning, SparseGPT, Wanda
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMMPruning",
+    "BaseCompressor",
     "Calibration",
     "DoubleSparseFactorization",
+    "FitOutput",
     "LowRank",
     "MagnitudePruning",
+    "MethodSpec",
     "SparseGPT",
     "Wanda",
+    "available_methods",
     "compare",
+    "get_method",
+    "register_method",
+    "unregister_method",
     "plot_tradeoff",
     "config_context",
     "get_config",

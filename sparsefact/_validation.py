@@ -8,6 +8,8 @@ import array_api_compat
 import numpy as np
 from sklearn.utils.validation import check_array
 
+from .backends._host import to_host
+
 
 def namespace_of(array: Any) -> Any | None:
     """The array-API namespace of ``array`` if it is a non-NumPy array, else None.
@@ -115,16 +117,7 @@ def convert_to_namespace(value: Any, like: Any, xp: Any) -> Any:
 
 def to_numpy(value: Any) -> np.ndarray:
     """A NumPy copy (or view) of any array-API array, through DLPack where possible."""
-    if isinstance(value, np.ndarray):
-        return value
-    if array_api_compat.is_torch_array(value):
-        return value.detach().cpu().numpy()
-    if array_api_compat.is_cupy_array(value):
-        return value.get()
-    try:
-        return np.from_dlpack(value)
-    except (TypeError, AttributeError, BufferError, RuntimeError):
-        return np.asarray(value)
+    return to_host(value)
 
 
 def check_scalar_count(value: Any, name: str, minimum: int = 1) -> int:

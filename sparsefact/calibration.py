@@ -3,7 +3,10 @@
 The calibrated objective of every compressor is ``tr((W - W_hat) G (W - W_hat)^T)``
 (design.md §1), so activations ``X`` of shape ``(n_tokens, n_features)`` enter only
 through their Gram. :class:`Calibration` accumulates it in float64 from batches (a
-stream of activations), or wraps a precomputed Gram.
+stream of activations), or wraps a precomputed Gram. Methods that use only the Gram's
+diagonal (Wanda, magnitude pruning) can be given a diagonal-only calibration
+(``Calibration(statistic="diag")`` or :meth:`Calibration.from_diag`): ``n_features``
+numbers instead of ``n_features^2``.
 
 It is deliberately not array-like (no ``shape``, ``__len__`` or ``__array__``):
 scikit-learn's cross-validation slices array-like fit parameters whose first dimension
@@ -17,7 +20,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._validation import check_matrix, convert_to_namespace, namespace_of
+from ._validation import check_matrix, convert_to_namespace, namespace_of, to_numpy
+
+STATISTICS = ("gram", "diag")
 
 
 class Calibration:
@@ -27,12 +32,17 @@ class Calibration:
     ----------
     n_features : int, optional
         Number of input features; inferred from the first batch when omitted.
+    statistic : {"gram", "diag"}, default="gram"
+        Accumulate the full Gram, or only its diagonal (the squared norm of every
+        input feature over the tokens). A diagonal-only calibration has no
+        :meth:`gram`; methods that need the full Gram refuse it with a clear error.
 
     Attributes
     ----------
     n_features : int or None
     n_samples : int
         Number of activation rows (tokens) accumulated.
+    statistic : str
 
     Examples
     --------
@@ -41,11 +51,14 @@ class Calibration:
     >>> cal = Calibration()
     >>> cal.add_batch(np.ones((4, 3)))
     Calibration(n_features=3, n_samples=4)
-    >>> cal.gram()[0, 0]
+    >>> float(cal.gram()[0, 0])
     4.0
     """
 
-    def __init__(self, n_features: int | None = None) -> None:
+    def __init__(self, n_features: int | None = None, *, statistic: str = "gram") -> None:
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        self.statistic = statistic
         if n_features is not None and (
             isinstance(n_features, bool) or not isinstance(n_features, int | np.integer) or n_features < 1
         ):
@@ -56,7 +69,8 @@ class Calibration:
         self._gram: Any = None
 
     def __repr__(self) -> str:
-        return f"Calibration(n_features={self.n_features}, n_samples={self.n_samples})"
+        extra = "" if self.statistic == "gram" else f", statistic={self.statistic!r}"
+        return f"Calibration(n_features={self.n_features}, n_samples={self.n_samples}{extra})"
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -92,6 +106,34 @@ class Calibration:
         cal.n_samples = int(n_samples) if n_samples is not None else 0
         return cal
 
+    @classmethod
+    def from_diag(cls, diag: Any, n_samples: int | None = None) -> Calibration:
+        """A diagonal-only calibration from the Gram's diagonal ``sum_t X_tj^2`` (length ``n_features``).
+
+        Raises
+        ------
+        ValueError
+            If ``diag`` is not a non-empty 1-D array of finite, non-negative numbers.
+        """
+        values = np.asarray(to_numpy(diag) if namespace_of(diag) is not None else diag)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"diag must be a non-empty 1-D array, got shape {values.shape}")
+        if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+            raise ValueError(f"diag must hold real numbers, got dtype {values.dtype}")
+        values = values.astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("diag contains NaN or infinity")
+        if np.any(values < 0):
+            raise ValueError("diag has a negative entry: it is not the diagonal of a Gram matrix")
+        if n_samples is not None and (
+            isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 0
+        ):
+            raise ValueError(f"n_samples must be a non-negative integer, got {n_samples!r}")
+        cal = cls(int(values.size), statistic="diag")
+        cal._gram = values
+        cal.n_samples = int(n_samples) if n_samples is not None else 0
+        return cal
+
     # ------------------------------------------------------------------ streaming
     def add_batch(self, X: Any, *, name: str = "X") -> Calibration:
         """Add activations ``X`` of shape ``(..., n_features)`` to the Gram (float64).
@@ -112,7 +154,8 @@ class Calibration:
                 f"has {self.n_features}"
             )
         x64 = xp.astype(checked, xp.float64)
-        contribution = xp.matmul(x64.T, x64)
+        diagonal_only = self.statistic == "diag"
+        contribution = xp.sum(x64 * x64, axis=0) if diagonal_only else xp.matmul(x64.T, x64)
         if self._gram is None:
             self._gram = contribution
         else:
@@ -130,14 +173,23 @@ class Calibration:
         Raises
         ------
         ValueError
-            If nothing has been accumulated yet.
+            If nothing has been accumulated yet, or the calibration holds only the
+            diagonal (``statistic="diag"``).
         """
         if self._gram is None:
             raise ValueError("this Calibration is empty: call add_batch() first")
+        if self.statistic == "diag":
+            raise ValueError(
+                "this Calibration holds only the Gram's diagonal (statistic='diag'); a method "
+                "that fits against the full Gram needs Calibration(statistic='gram')"
+            )
         return self._gram
 
     def diag(self) -> Any:
         """The diagonal of the Gram (squared input norms per feature)."""
-        gram = self.gram()
-        xp = array_api_compat.array_namespace(gram)
-        return xp.linalg.diagonal(gram)
+        if self._gram is None:
+            raise ValueError("this Calibration is empty: call add_batch() first")
+        if self.statistic == "diag":
+            return self._gram
+        xp = array_api_compat.array_namespace(self._gram)
+        return xp.linalg.diagonal(self._gram)

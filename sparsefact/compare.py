@@ -8,44 +8,30 @@ arXiv 2409.18850) that two sparse factors beat one sparse matrix at the same bud
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sklearn.base import clone
-
 from .calibration import Calibration
+from .methods import available_methods, make_estimator
 from .metrics import relative_error
 
-#: name -> (module, class, extra constructor parameters)
-METHODS: dict[str, tuple[str, str, dict]] = {
-    "dsf": ("sparsefact.estimators", "DoubleSparseFactorization", {}),
-    "dsf-exact": ("sparsefact.estimators", "DoubleSparseFactorization", {"objective": "exact"}),
-    "magnitude": ("sparsefact.estimators", "MagnitudePruning", {}),
-    "wanda": ("sparsefact.pruning", "Wanda", {}),
-    "sparsegpt": ("sparsefact.pruning", "SparseGPT", {}),
-    "admm": ("sparsefact.pruning", "ADMMPruning", {}),
-    "lowrank": ("sparsefact.lowrank", "LowRank", {}),
-}
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "lowrank", "dsf")
 
 
 def make_compressor(method: str | Any, density: float, **params: Any) -> Any:
-    """A compressor for ``method`` (a name from :data:`METHODS` or an estimator).
-
-    Estimators are cloned and given ``density`` when they have that parameter.
-    """
+    """A compressor for ``method``: a registered name (:func:`sparsefact.available_methods`)
+    or an estimator (cloned and given ``density``)."""
     if not isinstance(method, str):
-        est = clone(method)
-        if "density" in est.get_params():
-            est.set_params(density=density)
-        return est
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    module, name, extra = METHODS[method]
-    cls = getattr(importlib.import_module(module), name)
-    return cls(density=density, **{**extra, **params})
+        return make_estimator(method, density)
+    return make_estimator(method, density, params)
+
+
+def __getattr__(name: str) -> Any:
+    # ``METHODS`` is the registry's current content (methods registered later included).
+    if name == "METHODS":
+        return available_methods(kind=None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _method_name(method: str | Any) -> str:
@@ -85,8 +71,9 @@ def compare(
         Kept fraction of ``m * n`` for every method (DSF counts both factors; low rank
         counts ``r (m + n)``).
     methods : iterable of str or estimators
-        Names from :data:`METHODS` (``"dsf"``, ``"dsf-exact"``, ``"magnitude"``,
-        ``"wanda"``, ``"sparsegpt"``, ``"admm"``, ``"lowrank"``) or estimator instances.
+        Registered names (:func:`sparsefact.available_methods`: ``"dsf"``, ``"dsf-exact"``,
+        ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"admm"``, ``"lowrank"`` and any
+        method registered with :func:`sparsefact.register_method`) or estimator instances.
     X_heldout : array of shape (n_tokens2, n), optional
         Held-out activations: each method's error is also measured on their Gram.
     heldout_calibration : Calibration, optional

@@ -317,17 +317,17 @@ def double_sparse_factorization(
     gram: Any = None,
     *,
     engine: Any,
-    density: float = 0.5,
-    split: float | str = "auto",
-    max_iter: int = 40,
-    admm_iter: int = 5,
-    mask_iter: int = 2,
-    rho: float = 1.0,
-    ridge: float = 0.01,
-    input_scaling: bool = True,
-    finalize: bool = True,
-    finalize_iter: int = 20,
-    masks: str = "global",
+    density: float,
+    split: float | str,
+    max_iter: int,
+    admm_iter: int,
+    mask_iter: int,
+    rho: float,
+    ridge: float,
+    input_scaling: bool,
+    finalize: bool,
+    finalize_iter: int,
+    masks: str,
     track_errors: bool = False,
     callback: Callable[[dict], Any] | None = None,
     verbose: int = 0,
@@ -344,7 +344,9 @@ def double_sparse_factorization(
         Kernels for ``W``'s namespace.
     density, split, max_iter, admm_iter, mask_iter, rho, ridge, input_scaling, \
 finalize, finalize_iter, masks
-        See :class:`sparsefact.DoubleSparseFactorization` and :func:`plan_budgets`.
+        See :class:`sparsefact.DoubleSparseFactorization` (where their defaults are
+        declared; ``DoubleSparseFactorization(...)._solver_options()`` gives them) and
+        :func:`plan_budgets`. They are validated by the estimator, not here.
     track_errors : bool
         Record the scaled-problem error after every outer iteration.
     callback : callable, optional
@@ -502,8 +504,8 @@ def finalize_output_factor(
     gram: Any,
     left: Any,
     right: Any,
-    n_iter: int = 20,
-    rho: float = 1.0,
+    n_iter: int,
+    rho: float,
     counters: SolverCounters | None = None,
 ) -> Any:
     """Re-fit the output-side factor's values on its support against the full Gram.
@@ -543,9 +545,9 @@ def search_split(
     gram: Any = None,
     *,
     engine: Any,
-    density: float = 0.5,
+    density: float,
+    search_iter: int,
     shares: tuple[float, ...] = SEARCH_SHARES,
-    search_iter: int = 10,
     **params: Any,
 ) -> tuple[float, dict[float, float]]:
     """Pick the square factor's density by trying a few shares of the budget.

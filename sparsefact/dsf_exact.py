@@ -81,23 +81,23 @@ def double_sparse_factorization_exact(
     gram: Any = None,
     *,
     engine: Any,
-    density: float = 0.5,
-    split: float | str = "auto",
-    max_iter: int = 40,
-    admm_iter: int = 5,
-    mask_iter: int = 2,
-    rho: float = 1.0,
-    ridge: float = 0.01,
-    finalize: bool = True,
-    finalize_iter: int = 20,
-    masks: str = "global",
-    **_ignored: Any,
+    density: float,
+    split: float | str,
+    max_iter: int,
+    admm_iter: int,
+    mask_iter: int,
+    rho: float,
+    ridge: float,
+    finalize: bool,
+    finalize_iter: int,
+    masks: str,
+    input_scaling: bool,
 ) -> FactorizationResult:
     """DSF on the exact calibrated objective (see the module docstring).
 
     Parameters and result as :func:`sparsefact.dsf.double_sparse_factorization`;
-    ``input_scaling`` has no meaning here (the scaling is part of the R-step's
-    coordinates) and tracking/callbacks are not supported.
+    ``input_scaling`` is accepted and has no effect here (the scaling is part of the
+    R-step's coordinates); tracking and callbacks are not supported.
     """
     xp = engine.xp
     m, n = W.shape

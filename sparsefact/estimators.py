@@ -1,12 +1,8 @@
-"""scikit-learn estimators: Double Sparse Factorization and the compressors compared with it.
+"""The Double Sparse Factorization estimator (scikit-learn API over :mod:`sparsefact.dsf`).
 
-Every compressor shares one contract (design.md §3): ``fit(W, X_calib)`` or
-``fit(W, calibration=...)``, ``reconstruct()``, ``calibrated_err_``, ``density_`` and
-``nnz_``. DSF keeps two sparse factors ``A_`` and ``B_``; single-sparse compressors
-keep ``weight_``.
-
-Naming: sparsefact's ``W`` is scikit-learn's ``X`` -- the rows of the weight matrix
-(output neurons) are the samples and its columns (inputs) are the features.
+The single-sparse baselines live in :mod:`sparsefact.pruning`, low rank in
+:mod:`sparsefact.lowrank`, structured factorisations in :mod:`sparsefact.structured`; all share
+:class:`sparsefact.base.BaseCompressor` and its one ``fit``.
 """
 
 from __future__ import annotations
@@ -15,47 +11,19 @@ import warnings
 from numbers import Integral, Real
 from typing import Any
 
-import array_api_compat
-import numpy as np
-import scipy.sparse as sp
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
+from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import check_matrix, convert_to_namespace, to_numpy
+from ._sklearn_compat import Interval, StrOptions, check_is_fitted, validate_data
+from ._validation import check_matrix, convert_to_namespace
 from .admm import masked_least_squares, sparse_least_squares
-from .backends import BACKENDS, get_engine
-from .calibration import Calibration
+from .backends import get_engine
+from .base import BaseCompressor, FitOutput
 from .dsf import double_sparse_factorization, search_split
 from .dsf_exact import double_sparse_factorization_exact
-from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask, row_topk_mask
 from .metrics import relative_error
 
-
-def _to_sparse(dense: Any) -> Any:
-    """CSR copy of a dense factor: scipy.sparse for CPU arrays, cupyx on the GPU."""
-    if array_api_compat.is_cupy_array(dense):  # pragma: no cover - needs a GPU
-        import cupyx.scipy.sparse as csp
-
-        return csp.csr_matrix(dense)
-    values = np.ascontiguousarray(to_numpy(dense))
-    if values.dtype in (np.float32, np.float64) and values.ndim == 2:
-        from .backends._numba_kernels import dense_to_csr
-
-        data, indices, indptr = dense_to_csr(values)
-        return sp.csr_array((data, indices, indptr), shape=values.shape)
-    return sp.csr_array(values)
-
-
-def _ndim(value: Any) -> int:
-    """Number of dimensions of an array-like, without NumPy's ``__array_function__``."""
-    if hasattr(value, "ndim"):
-        return int(value.ndim)
-    try:
-        return np.asarray(value).ndim
-    except ValueError:  # ragged sequences: not a matrix of calibration inputs
-        return 1
+__all__ = ["DoubleSparseFactorization"]
 
 
 def _check_inner_dimension(m: int, n: int) -> None:
@@ -78,74 +46,7 @@ def _check_inner_dimension(m: int, n: int) -> None:
     )
 
 
-class _BaseCompressor(BaseEstimator):
-    """Shared input handling of all compressors (one validation path).
-
-    Subclasses implement ``_fit_arrays(W, gram, engine)`` and set their fitted
-    attributes there; this class resolves the calibration, the engine and the errors.
-    """
-
-    _parameter_constraints: dict = {
-        "backend": [StrOptions(set(BACKENDS))],
-    }
-
-    def _resolve_inputs(self, W: Any, y: Any, X_calib: Any, calibration: Any):
-        """Validate ``W`` and the calibration; return ``(W, xp, gram or None)``.
-
-        A factorisation has no targets: a 2-D second positional argument is taken as
-        ``X_calib`` so that ``est.fit(W, X_calib)`` works, and a 1-D ``y`` (from a
-        supervised pipeline) is ignored.
-        """
-        W_checked, xp = check_matrix(W, "W", estimator=self)
-        validate_data(self, W, reset=True, skip_check_array=True)
-        calib_name = "X_calib"
-        if y is not None and _ndim(y) == 2:
-            if X_calib is not None:
-                raise ValueError("pass the calibration inputs once: as y or as X_calib, not both")
-            X_calib, calib_name = y, "X_calib (the 2-D second argument of fit)"
-        if X_calib is not None and calibration is not None:
-            raise ValueError("pass either X_calib or calibration, not both")
-        n = W_checked.shape[1]
-        gram = None
-        if calibration is not None:
-            if not isinstance(calibration, Calibration):
-                raise TypeError(
-                    "calibration must be a sparsefact.Calibration (e.g. "
-                    f"Calibration.from_gram(G)), got {type(calibration).__name__}"
-                )
-            if calibration.n_features != n:
-                raise ValueError(
-                    f"calibration has {calibration.n_features} features, but W has {n} "
-                    "columns (one calibration feature per column of W is needed)"
-                )
-            gram = convert_to_namespace(calibration.gram(), W_checked, xp)
-        elif X_calib is not None:
-            X_checked, _ = check_matrix(X_calib, "X_calib")
-            if X_checked.shape[1] != n:
-                raise ValueError(
-                    f"{calib_name} has {X_checked.shape[1]} columns, but W has {n}: calibration "
-                    "inputs must have shape (n_tokens, n_features) with n_features = W.shape[1]"
-                )
-            gram = convert_to_namespace(Calibration.from_activations(X_checked).gram(), W_checked, xp)
-        return W_checked, xp, gram
-
-    def _engine(self, xp: Any):
-        return get_engine(self.backend, xp)
-
-    def _record_errors(self, W: Any, W_hat: Any, gram: Any, calibrated: float | None = None) -> None:
-        """Set ``reconstruction_err_`` and ``calibrated_err_`` (the latter given when known)."""
-        self.reconstruction_err_ = relative_error(W, W_hat, None)
-        if calibrated is None:
-            calibrated = self.reconstruction_err_ if gram is None else relative_error(W, W_hat, gram)
-        self.calibrated_err_ = calibrated
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags
-
-
-class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, _BaseCompressor):
+class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseCompressor):
     """Double Sparse Factorization: approximate ``W`` by the product of two sparse matrices.
 
     ``W (m x n) ~ A_ @ B_`` with ``A_`` of shape ``(m, k)``, ``B_`` of shape ``(k, n)``,
@@ -264,7 +165,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     """
 
     _parameter_constraints: dict = {
-        **_BaseCompressor._parameter_constraints,
+        **BaseCompressor._parameter_constraints,
         "density": [Interval(Real, 0, 1, closed="right")],
         "split": [StrOptions({"auto", "search"}), Interval(Real, 0, 1, closed="right")],
         "masks": [StrOptions({"global", "row"})],
@@ -326,32 +227,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.callback = callback
 
     # ------------------------------------------------------------------ fit
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Fit the two sparse factors to ``W``.
+    def _check_shape(self, m: int, n: int) -> None:
+        _check_inner_dimension(m, n)
 
-        Parameters
-        ----------
-        W : array of shape (m, n)
-            Matrix to factorise (a layer weight: rows = outputs, columns = inputs).
-            NumPy, torch, CuPy or any array-API array; results stay in its namespace,
-            device and dtype (integers become float64).
-        y : array of shape (n_tokens, n), optional
-            A 2-D second positional argument is taken as ``X_calib``; a 1-D ``y`` is
-            ignored (pipelines pass targets).
-        X_calib : array of shape (n_tokens, n), optional
-            Calibration inputs of the layer.
-        calibration : Calibration, optional
-            Precomputed or streamed calibration (``Calibration.from_gram(G)``).
-
-        Returns
-        -------
-        self
-        """
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        _check_inner_dimension(*W_checked.shape)
-        engine = self._engine(xp)
-        options = dict(
+    def _solver_options(self) -> dict[str, Any]:
+        """The solver arguments of this estimator's parameters (declared once, in ``__init__``)."""
+        return dict(
             density=self.density,
             max_iter=self.max_iter,
             admm_iter=self.admm_iter,
@@ -363,42 +244,41 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             finalize_iter=self.finalize_iter,
             masks=self.masks,
         )
-        factorize = (
-            double_sparse_factorization_exact if self.objective == "exact" else double_sparse_factorization
-        )
-        with engine.loop_context():
-            split = self.split
-            self.split_trials_ = None
-            if split == "search":
-                split, self.split_trials_ = search_split(
-                    W_checked, gram, engine=engine, search_iter=max(4, self.max_iter // 4), **options
-                )
-            result = factorize(
-                W_checked,
-                gram,
-                engine=engine,
-                split=split,
-                callback=self.callback,
-                verbose=self.verbose,
-                **options,
+
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        options = self._solver_options()
+        split = self.split
+        self.split_trials_ = None
+        if split == "search":
+            split, self.split_trials_ = search_split(
+                W, gram, engine=engine, search_iter=max(4, self.max_iter // 4), **options
+            )
+        if self.objective == "exact":
+            result = double_sparse_factorization_exact(W, gram, engine=engine, split=split, **options)
+        else:
+            result = double_sparse_factorization(
+                W, gram, engine=engine, split=split, callback=self.callback, verbose=self.verbose,
+                track_errors=False, **options,
             )
         self._left, self._right = result.left, result.right
         self._gram = gram if self.keep_calibration else None
-        self.A_ = _to_sparse(result.left)
-        self.B_ = _to_sparse(result.right)
+        self.A_ = engine.to_sparse(result.left)
+        self.B_ = engine.to_sparse(result.right)
         self.components_ = self.B_
         self.n_components_ = int(result.plan.k)
-        m, n = W_checked.shape
-        self.nnz_ = int(self.A_.nnz + self.B_.nnz)
-        self.density_ = self.nnz_ / (m * n)
         self.split_ = result.plan.split
         self.n_iter_ = result.n_iter
         self.errors_ = list(result.errors)
         self.error_before_finalize_ = result.error_before_finalize
-        self.backend_ = engine.name
         # result.error is relative_error(W, left @ right, gram), measured by the core
-        self._record_errors(W_checked, engine.matmul(result.left, result.right), gram, result.error)
-        errs = result.errors
+        return FitOutput(
+            factors=(result.left, result.right),
+            nnz=int(self.A_.nnz + self.B_.nnz),
+            calibrated_err=result.error,
+        )
+
+    def _after_fit(self, out: FitOutput) -> None:
+        errs = self.errors_
         if (
             self.tol > 0
             and self.n_iter_ == self.max_iter
@@ -410,9 +290,8 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
                 f"{abs(errs[-1] - errs[-2]) / max(errs[-1], 1e-12):.2%} in the last of "
                 f"{self.max_iter} iterations (tol={self.tol}); increase max_iter.",
                 ConvergenceWarning,
-                stacklevel=3,  # the user call, above the _fit_context wrapper
+                stacklevel=4,  # the user call, above fit and the _fit_context wrapper
             )
-        return self
 
     def fit_transform(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Any = None):
         """Fit, then return the sparse codes of ``W``'s rows (``fit(W).transform(W)``).
@@ -423,12 +302,6 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         return self.fit(W, y, X_calib=X_calib, calibration=calibration).transform(W)
 
     # ------------------------------------------------------------------ use
-    def reconstruct(self) -> Any:
-        """Dense ``A_ @ B_`` in the fitted matrix's namespace, device and dtype."""
-        check_is_fitted(self)
-        xp = array_api_compat.array_namespace(self._left)
-        return xp.matmul(self._left, self._right)
-
     def transform(self, W: Any) -> Any:
         """Sparse codes of new rows against the fixed ``B_`` (like ``NMF.transform``).
 
@@ -448,7 +321,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         check_is_fitted(self)
         W_checked, xp = check_matrix(W, "W", estimator=self)
         validate_data(self, W, reset=False, skip_check_array=True)
-        engine = self._engine(xp)
+        engine = get_engine(self.backend, xp)
         right = convert_to_namespace(self._right, W_checked, xp)
         gram = None if self._gram is None else convert_to_namespace(self._gram, W_checked, xp)
         k = right.shape[0]
@@ -514,75 +387,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         return tags
 
 
-class MagnitudePruning(_BaseCompressor):
-    """Keep the largest-magnitude entries of ``W`` (the simplest single-sparse baseline).
 
-    Parameters
-    ----------
-    density : float in (0, 1], default=0.5
-        Kept fraction of the ``m * n`` entries: exactly ``floor(density * m * n)``
-        entries for ``scope="matrix"`` (:func:`sparsefact.masks.kept_budget`),
-        ``floor(density * n)`` per row for ``scope="row"``.
-    scope : {"matrix", "row"}, default="matrix"
-        One threshold over the whole matrix, or per output row.
-    n_m : tuple (N, M) or None, default=None
-        Semi-structured N:M sparsity: each output row keeps the ``N`` largest of every
-        group of ``M`` consecutive inputs (``(2, 4)`` is the 2:4 pattern of sparse tensor
-        cores). ``density`` must equal ``N / M`` and ``M`` must divide the number of
-        columns; ``scope`` is then ignored.
-    backend : str, default="auto"
-        Accepted for a uniform API; selection runs on the CPU.
 
-    Attributes
-    ----------
-    weight_ : scipy.sparse.csr_array of shape (m, n)
-    calibrated_err_, reconstruction_err_, density_, nnz_
-        As for :class:`DoubleSparseFactorization`.
-    """
+def __getattr__(name: str) -> Any:
+    # MagnitudePruning moved to sparsefact.pruning beside its siblings; old imports keep working.
+    if name == "MagnitudePruning":
+        from .pruning import MagnitudePruning
 
-    _parameter_constraints: dict = {
-        **_BaseCompressor._parameter_constraints,
-        "density": [Interval(Real, 0, 1, closed="right")],
-        "scope": [StrOptions({"matrix", "row"})],
-        "n_m": [tuple, list, None],
-    }
-
-    def __init__(
-        self,
-        density: float = 0.5,
-        *,
-        scope: str = "matrix",
-        n_m: tuple[int, int] | None = None,
-        backend: str = "auto",
-    ) -> None:
-        self.density = density
-        self.scope = scope
-        self.n_m = n_m
-        self.backend = backend
-
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Prune ``W`` by magnitude; the calibration only affects ``calibrated_err_``."""
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        values = to_numpy(W_checked)
-        m, n = values.shape
-        n_m = check_n_m(self.n_m, self.density, n)
-        if n_m is not None:
-            mask = n_m_mask(np.abs(values), *n_m)
-        elif self.scope == "matrix":
-            mask = global_topk_mask(np.abs(values), kept_budget(self.density, m * n))
-        else:
-            mask = row_topk_mask(np.abs(values), kept_budget(self.density, n))
-        pruned = np.where(mask, values, 0).astype(values.dtype, copy=False)
-        self._dense = convert_to_namespace(pruned, W_checked, xp)
-        self.weight_ = sp.csr_array(pruned)
-        self.nnz_ = int(self.weight_.nnz)
-        self.density_ = self.nnz_ / (m * n)
-        self.backend_ = "numpy"
-        self._record_errors(W_checked, self._dense, gram)
-        return self
-
-    def reconstruct(self) -> Any:
-        """The pruned matrix as a dense array in ``W``'s namespace and dtype."""
-        check_is_fitted(self)
-        return self._dense
+        return MagnitudePruning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,16 +26,13 @@ import math
 from numbers import Real
 from typing import Any
 
-import array_api_compat
+import array_api_compat.numpy as np_compat
 import numpy as np
-import scipy.linalg
-from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted
 
-from ._validation import convert_to_namespace, to_numpy
-from .calibration import Calibration
-from .estimators import _BaseCompressor
+from ._sklearn_compat import Interval
+from .backends import get_engine
+from .backends._host import to_host
+from .base import BaseCompressor, FitOutput
 
 
 def budget_rank(density: float, m: int, n: int) -> int:
@@ -51,25 +48,7 @@ def budget_rank(density: float, m: int, n: int) -> int:
     return int(min(max(rank, 1), min(m, n)))
 
 
-def gram_square_root(gram: np.ndarray) -> np.ndarray:
-    """A factor ``S`` with ``S S^T = gram`` (float64), for a PSD ``gram`` that may be singular.
-
-    The lower Cholesky factor when ``gram`` is numerically positive definite;
-    otherwise the symmetric square root ``Q sqrt(max(L, 0)) Q^T`` from the
-    eigendecomposition ``gram = Q L Q^T`` (rounding errors can make tiny eigenvalues of
-    a singular Gram negative; they are set to 0). Any such ``S`` gives the same
-    optimum below, since only ``W S S^T W^T = W G W^T`` matters.
-    """
-    g = np.asarray(gram, dtype=np.float64)
-    g = 0.5 * (g + g.T)
-    try:
-        return scipy.linalg.cholesky(g, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        eigvals, eigvecs = scipy.linalg.eigh(g, check_finite=False)
-        return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
-
-
-class LowRank(_BaseCompressor):
+class LowRank(BaseCompressor):
     """Rank-``r`` approximation ``U_ @ V_`` at the parameter budget of a density.
 
     The rank is ``r = floor(density * m * n / (m + n))`` (at least 1, at most
@@ -97,8 +76,10 @@ class LowRank(_BaseCompressor):
     calibrated : bool, default=True
         Minimise the calibrated error (when calibration is given) rather than the
         plain Frobenius error.
-    backend : str, default="auto"
-        Accepted for a uniform API; runs with NumPy/LAPACK on the CPU.
+    backend : {"auto", "numpy_numba", "array_api", "cupy"}, default="auto"
+        Engine of the SVD and the Gram's square root (SciPy's LAPACK for NumPy input,
+        the input's own ``linalg`` otherwise); computed in float64, results in ``W``'s
+        namespace, device and dtype.
 
     Attributes
     ----------
@@ -120,7 +101,7 @@ class LowRank(_BaseCompressor):
     density_ : float
         ``nnz_ / (m * n)``.
     backend_ : str
-        ``"numpy"``.
+        Engine that ran.
     n_features_in_ : int
 
     References
@@ -140,7 +121,7 @@ class LowRank(_BaseCompressor):
     """
 
     _parameter_constraints: dict = {
-        **_BaseCompressor._parameter_constraints,
+        **BaseCompressor._parameter_constraints,
         "density": [Interval(Real, 0, 1, closed="right")],
         "calibrated": ["boolean"],
     }
@@ -150,45 +131,35 @@ class LowRank(_BaseCompressor):
         self.calibrated = calibrated
         self.backend = backend
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Fit the rank-``r`` factors.
-
-        Parameters
-        ----------
-        W : array of shape (m, n)
-        y : array of shape (n_tokens, n), optional
-            A 2-D second positional argument is taken as ``X_calib``.
-        X_calib : array of shape (n_tokens, n), optional
-        calibration : Calibration, optional
-
-        Returns
-        -------
-        self
-        """
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        values = np.asarray(to_numpy(W_checked), dtype=np.float64)
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        xp = engine.xp
+        values = xp.astype(W, xp.float64)
         m, n = values.shape
         rank = budget_rank(self.density, m, n)
         use_gram = self.calibrated and gram is not None
-        target = values @ gram_square_root(to_numpy(gram)) if use_gram else values
-        left, singular, _ = scipy.linalg.svd(target, full_matrices=False, check_finite=False)
+        if use_gram:
+            target = xp.matmul(values, engine.gram_square_root(xp.astype(gram, xp.float64)))
+        else:
+            target = values
+        left, singular, _ = engine.svd(target)
         left = left[:, :rank]
-        self.U_ = convert_to_namespace(np.ascontiguousarray(left), W_checked, xp)
-        self.V_ = convert_to_namespace(left.T @ values, W_checked, xp)
+        self.U_ = xp.astype(engine.copy(left), W.dtype)
+        self.V_ = xp.astype(xp.matmul(left.T, values), W.dtype)
         self.rank_ = rank
-        self.singular_values_ = singular[:rank]
-        self.nnz_ = rank * (m + n)
-        self.density_ = self.nnz_ / (m * n)
-        self.backend_ = "numpy"
-        self._record_errors(W_checked, self.reconstruct(), gram)
-        return self
+        self.singular_values_ = np.asarray(to_host(singular[:rank]))
+        return FitOutput(factors=(self.U_, self.V_), nnz=rank * (m + n))
 
-    def reconstruct(self) -> Any:
-        """Dense ``U_ @ V_`` in ``W``'s namespace, device and dtype."""
-        check_is_fitted(self)
-        xp = array_api_compat.array_namespace(self.U_)
-        return xp.matmul(self.U_, self.V_)
+
+def gram_square_root(gram: np.ndarray) -> np.ndarray:
+    """A factor ``S`` with ``S S^T = gram`` (float64), for a PSD ``gram`` that may be singular.
+
+    The lower Cholesky factor when ``gram`` is numerically positive definite; otherwise the
+    symmetric square root ``Q sqrt(max(L, 0)) Q^T`` from the eigendecomposition
+    ``gram = Q L Q^T`` (rounding errors can make tiny eigenvalues of a singular Gram
+    negative; they are set to 0). Any such ``S`` gives the same optimum, since only
+    ``W S S^T W^T = W G W^T`` matters. (The CPU engine's kernel, for NumPy arrays.)
+    """
+    return get_engine("numpy_numba", np_compat).gram_square_root(gram)
 
 
 __all__ = ["LowRank", "budget_rank", "gram_square_root"]

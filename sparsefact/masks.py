@@ -20,8 +20,6 @@ import math
 from numbers import Integral
 from typing import Any
 
-import numpy as np
-
 DENSITY_FLOOR = 0.01
 
 
@@ -104,54 +102,17 @@ def check_n_m(n_m: Any, density: float, n_features: int) -> tuple[int, int] | No
     return keep, group
 
 
-def _flat_topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    flat = scores.reshape(-1)
-    if k >= flat.size:
-        return np.arange(flat.size)
-    # argpartition is O(n); stable tie-breaking by position is not needed for budgets.
-    return np.argpartition(flat, flat.size - k)[flat.size - k :]
+# The exact top-k masks are engine kernels (NumPy versions in backends/_numpy_kernels.py,
+# portable ones in the array-API engine); re-exported here, where users look for mask rules.
+from .backends._numpy_kernels import global_topk_mask, n_m_mask, row_topk_mask  # noqa: E402
 
-
-def global_topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` largest entries of ``scores`` over the whole matrix."""
-    scores = np.asarray(scores)
-    mask = np.zeros(scores.size, dtype=bool)
-    if k > 0:
-        mask[_flat_topk_indices(scores, int(k))] = True
-    return mask.reshape(scores.shape)
-
-
-def row_topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` largest entries of every row of ``scores``."""
-    scores = np.asarray(scores)
-    n_rows, n_cols = scores.shape
-    k = int(min(max(k, 0), n_cols))
-    mask = np.zeros(scores.shape, dtype=bool)
-    if k == 0:
-        return mask
-    if k == n_cols:
-        mask[:] = True
-        return mask
-    idx = np.argpartition(scores, n_cols - k, axis=1)[:, n_cols - k :]
-    np.put_along_axis(mask, idx, True, axis=1)
-    return mask
-
-
-def n_m_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the ``n`` largest of every ``m`` consecutive entries along each row.
-
-    This is the N:M convention of sparse tensor cores for a weight of shape
-    ``(out, in)``: each output keeps ``n`` of every group of ``m`` consecutive inputs.
-    The number of columns must be a multiple of ``m``.
-    """
-    scores = np.asarray(scores)
-    n_rows, n_cols = scores.shape
-    if not (0 < n <= m):
-        raise ValueError(f"n_m must satisfy 0 < N <= M, got ({n}, {m})")
-    if n_cols % m:
-        raise ValueError(f"N:M sparsity needs the number of columns ({n_cols}) to be a multiple of M={m}")
-    groups = scores.reshape(n_rows, n_cols // m, m)
-    idx = np.argpartition(groups, m - n, axis=2)[:, :, m - n :]
-    mask = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(mask, idx, True, axis=2)
-    return mask.reshape(n_rows, n_cols)
+__all__ = [
+    "DENSITY_FLOOR",
+    "check_n_m",
+    "global_topk_mask",
+    "kept_budget",
+    "n_m_mask",
+    "row_topk_mask",
+    "strict_kept_count",
+    "strict_threshold_index",
+]

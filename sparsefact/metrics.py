@@ -14,10 +14,15 @@ import array_api_compat
 
 
 def weighted_sq_norm(delta: Any, gram: Any = None) -> float:
-    """``tr(delta G delta^T)`` (``||delta||_F^2`` when ``gram`` is None)."""
+    """``tr(delta G delta^T)`` (``||delta||_F^2`` when ``gram`` is None).
+
+    A 1-D ``gram`` is a diagonal Gram: ``sum_ij delta_ij^2 gram_j``.
+    """
     xp = array_api_compat.array_namespace(delta)
     if gram is None:
         return float(xp.sum(delta * delta))
+    if len(gram.shape) == 1:
+        return float(xp.sum(delta * delta * gram[None, :]))
     return float(xp.sum(delta * xp.matmul(delta, gram)))
 
 
@@ -27,8 +32,9 @@ def relative_error(W: Any, W_hat: Any, gram: Any = None) -> float:
     Parameters
     ----------
     W, W_hat : arrays of shape (m, n)
-    gram : array of shape (n, n), optional
-        Calibration Gram ``X^T X``; the identity when omitted.
+    gram : array of shape (n, n) or (n,), optional
+        Calibration Gram ``X^T X`` (a 1-D array: its diagonal only); the identity when
+        omitted.
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""Single-sparse layer-wise pruning baselines: Wanda, SparseGPT and ADMM pruning.
+"""Single-sparse layer-wise pruning baselines: magnitude, Wanda, SparseGPT and ADMM pruning.
 
 Each compressor replaces ``W`` (``m x n``, rows = outputs, columns = inputs) by one
 sparse matrix ``weight_`` of the same shape, chosen with the calibration Gram
@@ -35,23 +35,23 @@ from typing import Any
 
 import array_api_compat
 import numpy as np
-import scipy.linalg
-from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
-from ._validation import convert_to_namespace, to_numpy
+from ._sklearn_compat import Interval, StrOptions
+from ._validation import to_numpy
 from .admm import admm_loop
-from .backends._numba_kernels import obs_panel
-from .backends.numpy_numba import single_threaded_foreign_blas
-from .calibration import Calibration
-from .estimators import _BaseCompressor, _to_sparse
-from .masks import check_n_m, global_topk_mask, kept_budget, n_m_mask
+from .backends import get_engine
+from .backends._numpy_kernels import (
+    factor_inverse_of_reversed,
+    global_topk_mask,
+    n_m_mask,
+    upper_cholesky_of_inverse,
+)
+from .backends.threads import one_blas_thread, single_threaded_foreign_blas
+from .base import BaseCompressor, FitOutput
+from .masks import check_n_m, kept_budget
 
 #: Added to ``sqrt(diag G)`` before dividing by it (ADMM preconditioning).
 PRECONDITION_EPS = 1e-8
-
-_BLAS_CONTROLLER: Any = None
 
 #: Width of the column panels inside a SparseGPT block that are updated one column at
 #: a time; the rest of the block is updated by one matrix product per panel.
@@ -59,103 +59,94 @@ _SPARSEGPT_PANEL = 16
 
 
 # ---------------------------------------------------------------------- helpers
-def _row_budget_mask(scores: np.ndarray, kept: int) -> np.ndarray:
-    """Keep exactly ``kept`` entries, spread over the rows as evenly as possible.
+class _SparseWeightCompressor(BaseCompressor):
+    """Shared storage of the single-sparse compressors: ``weight_`` (CSR) and the dense result."""
 
-    Every row keeps its ``kept // m`` highest scores; the ``kept % m`` leftover entries
-    go to the rows whose next-highest score (the ``(kept // m + 1)``-th of the row) is
-    largest. Ties are broken by position (lower column, then lower row, first).
-    """
-    m, n = scores.shape
-    base, extra = divmod(int(kept), m)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    counts = np.full(m, base, dtype=np.intp)
-    if extra:
-        next_scores = scores[np.arange(m), order[:, base]]
-        counts[np.argsort(-next_scores, kind="stable")[:extra]] += 1
-    ranks = np.empty((m, n), dtype=np.intp)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(n), (m, n)), axis=1)
-    return ranks < counts[:, None]
-
-
-def _reversed_factor_inverse(reversed_h: np.ndarray) -> np.ndarray:
-    """``U`` for ``H^-1 = U^T U`` from ``J H J`` (C-contiguous, overwritten).
-
-    See :func:`upper_cholesky_of_inverse`. The C-ordered buffer is the Fortran-ordered
-    transpose of the symmetric ``J H J``, so LAPACK works on it in place.
-    """
-    potrf, trtri = scipy.linalg.get_lapack_funcs(("potrf", "trtri"), (reversed_h,))
-    lower, info = potrf(reversed_h.T, lower=1, overwrite_a=1, clean=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(
-            f"the damped Hessian is not positive definite (LAPACK potrf info={info})"
-        )
-    lower_inv, info = trtri(lower, lower=1, overwrite_c=1)
-    if info != 0:  # pragma: no cover - only when potrf already failed
-        raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK trtri info={info})")
-    # (J L J)^-1 = J L^-1 J: reverse both axes of L^-1.
-    return np.ascontiguousarray(lower_inv[::-1, ::-1])
-
-
-def upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
-    """Upper-triangular ``U`` with ``hessian^-1 = U^T U`` and a positive diagonal.
-
-    SparseGPT's OBS updates use the rows of this factor (baselines.md §3.2). It is
-    computed from one Cholesky factorisation of the index-reversed matrix and one
-    triangular inverse (``2/3 n^3`` flops instead of inverse-then-factorise): with
-    ``J`` the reversal permutation and ``J H J = L L^T``, ``R = J L J`` is upper
-    triangular with ``H = R R^T``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J``.
-
-    Parameters
-    ----------
-    hessian : ndarray of shape (n, n)
-        Symmetric positive definite; not modified.
-
-    Raises
-    ------
-    numpy.linalg.LinAlgError
-        If ``hessian`` is not (numerically) positive definite.
-    """
-    return _reversed_factor_inverse(np.ascontiguousarray(hessian[::-1, ::-1]))
-
-
-def _one_blas_thread() -> Any:
-    """Context with BLAS limited to one thread (for loops of many tiny BLAS calls).
-
-    Multi-threaded BLAS pays a synchronisation per call; on a loaded machine the
-    per-column products of SparseGPT became 20x slower with two threads.
-    """
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
-
-
-class _SparseWeightCompressor(_BaseCompressor):
-    """Shared storage of the single-sparse compressors: ``weight_`` and the dense copy."""
-
-    def _store(self, pruned: Any, W_checked: Any, xp: Any, gram: Any, backend: str) -> None:
-        dense = convert_to_namespace(pruned, W_checked, xp)
-        self._dense = dense
-        self.weight_ = _to_sparse(dense)
-        m, n = W_checked.shape
-        self.nnz_ = int(self.weight_.nnz)
-        self.density_ = self.nnz_ / (m * n)
-        self.backend_ = backend
-        self._record_errors(W_checked, dense, gram)
-
-    def reconstruct(self) -> Any:
-        """The pruned matrix as a dense array in ``W``'s namespace, device and dtype."""
-        check_is_fitted(self)
-        return self._dense
+    def _sparse_result(self, pruned: Any, engine: Any) -> FitOutput:
+        self.weight_ = engine.to_sparse(pruned)
+        return FitOutput(factors=(pruned,), nnz=int(self.weight_.nnz))
 
 
 _SHARED_PARAMETERS = {
-    **_BaseCompressor._parameter_constraints,
+    **BaseCompressor._parameter_constraints,
     "density": [Interval(Real, 0, 1, closed="right")],
 }
+
+
+def _gram_diagonal(engine: Any, gram: Any) -> Any:
+    """The diagonal of a Gram given as a matrix or (diagonal-only calibration) a vector."""
+    return gram if len(gram.shape) == 1 else engine.diag(gram)
+
+
+# ---------------------------------------------------------------------- magnitude
+class MagnitudePruning(_SparseWeightCompressor):
+    """Keep the largest-magnitude entries of ``W`` (the simplest single-sparse baseline).
+
+    Parameters
+    ----------
+    density : float in (0, 1], default=0.5
+        Kept fraction of the ``m * n`` entries: exactly ``floor(density * m * n)``
+        entries for ``scope="matrix"`` (:func:`sparsefact.masks.kept_budget`),
+        ``floor(density * n)`` per row for ``scope="row"``.
+    scope : {"matrix", "row"}, default="matrix"
+        One threshold over the whole matrix, or per output row.
+    n_m : tuple (N, M) or None, default=None
+        Semi-structured N:M sparsity: each output row keeps the ``N`` largest of every
+        group of ``M`` consecutive inputs (``(2, 4)`` is the 2:4 pattern of sparse tensor
+        cores). ``density`` must equal ``N / M`` and ``M`` must divide the number of
+        columns; ``scope`` is then ignored.
+    backend : {"auto", "numpy_numba", "array_api", "cupy"}, default="auto"
+        Engine of the selection; results stay in ``W``'s namespace, device and dtype.
+
+    Attributes
+    ----------
+    weight_ : scipy.sparse.csr_array of shape (m, n)
+    calibrated_err_, reconstruction_err_, density_, nnz_, backend_
+        As for :class:`~sparsefact.DoubleSparseFactorization`. The calibration (if
+        any) only affects ``calibrated_err_``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparsefact import MagnitudePruning
+    >>> W = np.arange(1.0, 9.0).reshape(2, 4)
+    >>> MagnitudePruning(density=0.25).fit(W).weight_.toarray()
+    array([[0., 0., 0., 0.],
+           [0., 0., 7., 8.]])
+    """
+
+    _parameter_constraints: dict = {
+        **_SHARED_PARAMETERS,
+        "scope": [StrOptions({"matrix", "row"})],
+        "n_m": [tuple, list, None],
+    }
+    _needs = "none"
+
+    def __init__(
+        self,
+        density: float = 0.5,
+        *,
+        scope: str = "matrix",
+        n_m: tuple[int, int] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        self.density = density
+        self.scope = scope
+        self.n_m = n_m
+        self.backend = backend
+
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        xp = engine.xp
+        m, n = W.shape
+        n_m = check_n_m(self.n_m, self.density, n)
+        scores = xp.abs(W)
+        if n_m is not None:
+            mask = engine.n_m_mask(scores, *n_m)
+        elif self.scope == "matrix":
+            mask = engine.topk_mask(scores, kept_budget(self.density, m * n))
+        else:
+            mask = engine.row_topk_mask(scores, kept_budget(self.density, n))
+        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine)
 
 
 # ---------------------------------------------------------------------- Wanda
@@ -182,8 +173,8 @@ class Wanda(_SparseWeightCompressor):
     n_m : tuple (N, M) or None, default=None
         Semi-structured N:M pattern (``N`` kept of every ``M`` consecutive inputs per
         output). ``density`` must equal ``N / M`` and ``M`` must divide ``n``.
-    backend : str, default="auto"
-        Accepted for a uniform API; the selection runs with NumPy on the CPU.
+    backend : {"auto", "numpy_numba", "array_api", "cupy"}, default="auto"
+        Engine of the selection; results stay in ``W``'s namespace, device and dtype.
 
     Attributes
     ----------
@@ -198,8 +189,12 @@ class Wanda(_SparseWeightCompressor):
     nnz_ : int
         Stored nonzeros of ``weight_``.
     backend_ : str
-        ``"numpy"``.
+        Engine that ran.
     n_features_in_ : int
+
+    Only the diagonal of the Gram is used, so a diagonal-only
+    ``Calibration(statistic="diag")`` is enough (``calibrated_err_`` is then measured in
+    the diagonal metric, see :class:`~sparsefact.base.BaseCompressor`).
 
     References
     ----------
@@ -226,39 +221,21 @@ class Wanda(_SparseWeightCompressor):
         self.n_m = n_m
         self.backend = backend
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Prune ``W`` by the Wanda score.
+    _needs = "diag"
 
-        Parameters
-        ----------
-        W : array of shape (m, n)
-            Layer weight (rows = outputs, columns = inputs).
-        y : array of shape (n_tokens, n), optional
-            A 2-D second positional argument is taken as ``X_calib``.
-        X_calib : array of shape (n_tokens, n), optional
-            Calibration inputs of the layer.
-        calibration : Calibration, optional
-            Precomputed calibration (only its diagonal is used).
-
-        Returns
-        -------
-        self
-        """
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        values = to_numpy(W_checked)
-        m, n = values.shape
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        xp = engine.xp
+        m, n = W.shape
         n_m = check_n_m(self.n_m, self.density, n)
-        scores = np.abs(values).astype(np.float64)
+        scores = xp.astype(xp.abs(W), xp.float64)
         if gram is not None:
-            scores *= np.sqrt(np.maximum(np.diagonal(to_numpy(gram)).astype(np.float64), 0.0))
+            norms_sq = xp.astype(_gram_diagonal(engine, gram), xp.float64)
+            scores = scores * xp.sqrt(xp.clip(norms_sq, 0.0, None))[None, :]
         if n_m is not None:
-            mask = n_m_mask(scores, *n_m)
+            mask = engine.n_m_mask(scores, *n_m)
         else:
-            mask = _row_budget_mask(scores, kept_budget(self.density, m * n))
-        pruned = np.where(mask, values, 0).astype(values.dtype, copy=False)
-        self._store(pruned, W_checked, xp, gram, "numpy")
-        return self
+            mask = engine.row_budget_mask(scores, kept_budget(self.density, m * n))
+        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine)
 
 
 # ---------------------------------------------------------------------- SparseGPT
@@ -270,6 +247,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damping: float = 0.01,
     n_m: tuple[int, int] | None = None,
+    engine: Any = None,
 ) -> np.ndarray:
     """SparseGPT's OBS pruning of one layer (NumPy, in ``W``'s dtype).
 
@@ -287,12 +265,17 @@ def sparsegpt_prune(
         ``lambda = damping * mean(diag H)`` is added to the diagonal.
     n_m : (N, M) or None
         Keep ``N`` of every ``M`` consecutive inputs per row (``M`` divides ``n``).
+    engine : NumpyNumbaEngine, optional
+        Supplies the compiled per-panel column loop (``obs_panel``); the CPU engine by
+        default.
 
     Returns
     -------
     ndarray of shape (m, n)
         The pruned and compensated weights.
     """
+    if engine is None:
+        engine = get_engine("numpy_numba", array_api_compat.array_namespace(np.empty(0)))
     dtype = W.dtype
     m, n = W.shape
     work = np.array(W.T, dtype=dtype, order="C", copy=True)  # column j of W = row j here
@@ -314,12 +297,12 @@ def sparsegpt_prune(
 
     try:
         with single_threaded_foreign_blas():  # SciPy's LAPACK next to NumPy's busy pool
-            factor = _reversed_factor_inverse(reversed_hessian(dtype))
+            factor = factor_inverse_of_reversed(reversed_hessian(dtype))
     except np.linalg.LinAlgError:
         if dtype == np.float64:
             raise
         with single_threaded_foreign_blas():
-            factor = _reversed_factor_inverse(reversed_hessian(np.dtype(np.float64))).astype(dtype)
+            factor = factor_inverse_of_reversed(reversed_hessian(np.dtype(np.float64))).astype(dtype)
     pivots = np.diagonal(factor).copy()
     inv_pivots = (1.0 / pivots).astype(dtype)
     panel = _SPARSEGPT_PANEL
@@ -341,7 +324,7 @@ def sparsegpt_prune(
         else:
             keep = np.empty((width, m), dtype=bool)
         errors = np.empty((width, m), dtype=dtype)
-        with _one_blas_thread():
+        with one_blas_thread():
             for a in range(i1, i2, panel):
                 b = min(a + panel, i2)
                 # Panel-local views; the panel's factor is copied transposed so that the
@@ -349,7 +332,7 @@ def sparsegpt_prune(
                 w_p, e_p, c_p = work[a:b], errors[a - i1 : b - i1], prune_coef[a - i1 : b - i1]
                 f_t = np.ascontiguousarray(factor[a:b, a:b].T)
                 if n_m is None:  # the whole column loop of the panel in one compiled call
-                    obs_panel(w_p, f_t, e_p, c_p)
+                    engine.obs_panel(w_p, f_t, e_p, c_p)
                     if b < i2:
                         work[b:i2] -= factor[a:b, b:i2].T @ e_p
                     continue
@@ -375,6 +358,64 @@ def sparsegpt_prune(
         if i2 < n:
             work[i2:] -= factor[i1:i2, i2:].T @ errors  # lazy batched update
     return np.ascontiguousarray(work.T)
+
+
+def sparsegpt_prune_portable(
+    engine: Any,
+    W: Any,
+    gram: Any,
+    *,
+    kept: int,
+    block_size: int,
+    damping: float,
+    n_m: tuple[int, int] | None,
+) -> Any:
+    """SparseGPT in plain array-API operations (any namespace and device; ``W``'s dtype).
+
+    The same algorithm as :func:`sparsegpt_prune` (dead inputs, damping, adaptive block
+    masks by ``w^2 / U_qq^2``, the same per-block budget, N:M groups chosen when the loop
+    reaches them, lazy updates of later blocks) written column by column without the
+    compiled panel kernel: the reference form that the fast NumPy path is tested against,
+    and the path for torch, CuPy and ``array_api_strict`` arrays. ``W`` is not modified.
+    """
+    xp = engine.xp
+    m, n = W.shape
+    device = array_api_compat.device(W)
+    diag = xp.ones((n,), dtype=W.dtype, device=device) if gram is None else _gram_diagonal(engine, gram)
+    dead = diag <= 0
+    work = W * xp.astype(~dead, W.dtype)[None, :]
+    ridge = damping * float(xp.mean(xp.where(dead, xp.ones_like(diag), diag)))
+    hessian = engine.eye(n, W) if gram is None else gram
+    # dead inputs have zero rows and columns in G: their diagonal becomes 1, then the ridge
+    hessian = hessian + (xp.astype(dead, W.dtype) + ridge)[:, None] * engine.eye(n, W)
+    factor = engine.upper_cholesky_of_inverse(hessian)
+    pivots = xp.linalg.diagonal(factor)
+    if n_m is not None:
+        block_size = -(-block_size // n_m[1]) * n_m[1]  # blocks hold whole groups
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        block = engine.copy(work[:, i1:i2])
+        piv = pivots[i1:i2]
+        errors = xp.zeros((m, i2 - i1), dtype=W.dtype, device=device)
+        keep = None
+        if n_m is None:
+            block_kept = kept * i2 // n - kept * i1 // n
+            keep = engine.topk_mask((block / piv[None, :]) ** 2, block_kept)
+        for j in range(i2 - i1):
+            if n_m is not None and j % n_m[1] == 0:
+                group = (block[:, j : j + n_m[1]] / piv[None, j : j + n_m[1]]) ** 2
+                group_keep = engine.n_m_mask(group, *n_m)
+                keep = group_keep if keep is None else xp.concat([keep, group_keep], axis=1)
+            column = block[:, j]
+            kept_column = xp.where(keep[:, j], column, xp.zeros_like(column))
+            error = (column - kept_column) / piv[j]
+            block[:, j:] = block[:, j:] - error[:, None] * factor[i1 + j, i1 + j : i2][None, :]
+            block[:, j] = kept_column
+            errors[:, j] = error
+        work[:, i1:i2] = block
+        if i2 < n:
+            work[:, i2:] = work[:, i2:] - engine.matmul(errors, factor[i1:i2, i2:])
+    return work
 
 
 class SparseGPT(_SparseWeightCompressor):
@@ -409,8 +450,10 @@ class SparseGPT(_SparseWeightCompressor):
         Relative damping ``lambda / mean(diag G)`` (``percdamp``).
     n_m : tuple (N, M) or None, default=None
         Semi-structured N:M pattern; ``density`` must equal ``N / M``.
-    backend : str, default="auto"
-        Accepted for a uniform API; runs with NumPy (LAPACK) in ``W``'s dtype.
+    backend : {"auto", "numpy_numba", "array_api", "cupy"}, default="auto"
+        ``numpy_numba`` (NumPy input) runs :func:`sparsegpt_prune` (LAPACK and a compiled
+        panel loop); the other engines run :func:`sparsegpt_prune_portable` in ``W``'s
+        namespace and device. Both compute in ``W``'s dtype.
 
     Attributes
     ----------
@@ -466,47 +509,25 @@ class SparseGPT(_SparseWeightCompressor):
         self.n_m = n_m
         self.backend = backend
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Prune ``W`` with OBS compensation.
-
-        Parameters
-        ----------
-        W : array of shape (m, n)
-        y : array of shape (n_tokens, n), optional
-            A 2-D second positional argument is taken as ``X_calib``.
-        X_calib : array of shape (n_tokens, n), optional
-        calibration : Calibration, optional
-
-        Returns
-        -------
-        self
-
-        Raises
-        ------
-        numpy.linalg.LinAlgError
-            If ``G + lambda I`` is not positive definite (only possible with
-            ``damping=0`` and a singular ``G``).
-        """
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        values = to_numpy(W_checked)
-        m, n = values.shape
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        m, n = W.shape
         n_m = check_n_m(self.n_m, self.density, n)
+        kept = kept_budget(self.density, m * n)
         try:
-            pruned = sparsegpt_prune(
-                values,
-                None if gram is None else to_numpy(gram),
-                kept=kept_budget(self.density, m * n),
-                block_size=self.block_size,
-                damping=self.damping,
-                n_m=n_m,
-            )
+            if engine.name == "numpy_numba":
+                pruned = sparsegpt_prune(
+                    W, gram, kept=kept, block_size=self.block_size, damping=self.damping, n_m=n_m,
+                    engine=engine,
+                )
+            else:
+                pruned = sparsegpt_prune_portable(
+                    engine, W, gram, kept=kept, block_size=self.block_size, damping=self.damping, n_m=n_m
+                )
         except np.linalg.LinAlgError as exc:
             raise np.linalg.LinAlgError(
                 f"SparseGPT: G + lambda I is not positive definite ({exc}); use damping > 0"
             ) from exc
-        self._store(pruned, W_checked, xp, gram, "numpy")
-        return self
+        return self._sparse_result(pruned, engine)
 
 
 # ---------------------------------------------------------------------- ADMM
@@ -629,58 +650,48 @@ class ADMMPruning(_SparseWeightCompressor):
             mask = mask != 0
         return mask
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, W: Any, y: Any = None, *, X_calib: Any = None, calibration: Calibration | None = None):
-        """Select a mask and update the kept weights by ADMM.
-
-        Parameters
-        ----------
-        W : array of shape (m, n)
-            NumPy, torch, CuPy or any array-API array.
-        y : array of shape (n_tokens, n), optional
-            A 2-D second positional argument is taken as ``X_calib``.
-        X_calib : array of shape (n_tokens, n), optional
-        calibration : Calibration, optional
-
-        Returns
-        -------
-        self
-        """
-        W_checked, xp, gram = self._resolve_inputs(W, y, X_calib, calibration)
-        m, n = W_checked.shape
+    def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
+        xp = engine.xp
+        m, n = W.shape
         fixed = None if self.mask is None else self._check_mask((m, n))
-        engine = self._engine(xp)
-        with engine.loop_context():
-            hessian = engine.eye(n, W_checked) if gram is None else gram
-            scale = xp.sqrt(xp.clip(engine.diag(hessian), 0.0, None)) + PRECONDITION_EPS
-            system = (hessian / scale[:, None]) / scale[None, :]
-            ridge = self.damping * float(xp.mean(engine.diag(system)))
-            start = engine.copy((W_checked * scale[None, :]).T)  # n x m: W~0
-            cross = engine.matmul(system, start) + ridge * start  # C = G~_l W~0
-            inverse = engine.spd_inverse(system, ridge + self.rho)
-            y_cur = engine.copy(start)
-            u = engine.zeros(start.shape, start)
-            total, kept = m * n, kept_budget(self.density, m * n)
-            if fixed is not None:
-                support = xp.asarray(
-                    np.ascontiguousarray(fixed.T), device=array_api_compat.device(W_checked)
-                )
-                n_select = 0
-            else:
-                support = None
-                n_select = max(1, min(self.mask_iter, self.n_iter))
-
-            def index_at(t: int) -> int:
-                return total - self._kept_at(t, n_select, kept, total) - 1
-
-            # The reference order: n_iter x-steps, then a final z-step (n_iter + 1 z-steps).
-            out, _ = admm_loop(
-                engine, lambda rhs: engine.matmul(inverse, rhs), cross, y_cur, u, support,
-                threshold_index=index_at, rho=self.rho, n_iter=self.n_iter + 1, mask_iter=n_select,
+        hessian = engine.eye(n, W) if gram is None else gram
+        scale = xp.sqrt(xp.clip(engine.diag(hessian), 0.0, None)) + PRECONDITION_EPS
+        system = (hessian / scale[:, None]) / scale[None, :]
+        ridge = self.damping * float(xp.mean(engine.diag(system)))
+        start = engine.copy((W * scale[None, :]).T)  # n x m: W~0
+        cross = engine.matmul(system, start) + ridge * start  # C = G~_l W~0
+        inverse = engine.spd_inverse(system, ridge + self.rho)
+        y_cur = engine.copy(start)
+        u = engine.zeros(start.shape, start)
+        total, kept = m * n, kept_budget(self.density, m * n)
+        if fixed is not None:
+            support = xp.asarray(
+                np.ascontiguousarray(fixed.T), device=array_api_compat.device(W)
             )
-            pruned = engine.copy(engine.unscale_rows(out, scale).T)
-        self._store(pruned, W_checked, xp, gram, engine.name)
-        return self
+            n_select = 0
+        else:
+            support = None
+            n_select = max(1, min(self.mask_iter, self.n_iter))
+
+        def index_at(t: int) -> int:
+            return total - self._kept_at(t, n_select, kept, total) - 1
+
+        # The reference order: n_iter x-steps, then a final z-step (n_iter + 1 z-steps).
+        out, _ = admm_loop(
+            engine, lambda rhs: engine.matmul(inverse, rhs), cross, y_cur, u, support,
+            threshold_index=index_at, rho=self.rho, n_iter=self.n_iter + 1, mask_iter=n_select,
+        )
+        pruned = engine.copy(engine.unscale_rows(out, scale).T)
+        return self._sparse_result(pruned, engine)
 
 
-__all__ = ["ADMMPruning", "SparseGPT", "Wanda", "kept_budget", "sparsegpt_prune", "upper_cholesky_of_inverse"]
+__all__ = [
+    "ADMMPruning",
+    "MagnitudePruning",
+    "SparseGPT",
+    "Wanda",
+    "kept_budget",
+    "sparsegpt_prune",
+    "sparsegpt_prune_portable",
+    "upper_cholesky_of_inverse",
+]

@@ -273,7 +273,9 @@ def test_array_api_strict_fit_stays_in_its_namespace(dtype_name):
 def test_dense_to_csr_matches_scipy(dtype):
     import scipy.sparse as sp
 
-    from sparsefact.estimators import _to_sparse
+    from sparsefact.backends.numpy_numba import NumpyNumbaEngine
+
+    _to_sparse = NumpyNumbaEngine().to_sparse
 
     rng = np.random.default_rng(5)
     for shape in [(1, 1), (3, 7), (64, 33)]:

@@ -12,7 +12,13 @@ from sparsefact.dsf import (
     search_split,
     warm_start_weight,
 )
+from sparsefact.estimators import DoubleSparseFactorization
 from sparsefact.masks import strict_kept_count
+
+
+def solver_args(split="auto", **params):
+    """The solver arguments of ``DoubleSparseFactorization(**params)`` (defaults declared once)."""
+    return {**DoubleSparseFactorization(**params)._solver_options(), "split": split}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,7 @@ def test_warm_start_ramp_is_cubic_and_reaches_one():
 def test_plain_fit_matches_reference_numbers(engine):
     # reference/dsf.md §4.5: Gaussian 256^2, d=0.5: 0.1329 before, 0.1321 after finalisation.
     W = np.random.default_rng(0).standard_normal((256, 256))
-    result = double_sparse_factorization(W, engine=engine, density=0.5)
+    result = double_sparse_factorization(W, engine=engine, **solver_args(density=0.5))
     assert result.error_before_finalize == pytest.approx(0.1329, abs=0.002)
     assert result.error == pytest.approx(0.1321, abs=0.002)
     assert result.finalized
@@ -78,9 +84,9 @@ def test_numba_engine_equals_portable_engine_in_float64(engine):
     W = rng.standard_normal((40, 56))
     X = rng.standard_normal((120, 56)) * np.exp(rng.standard_normal(56))
     gram = X.T @ X
-    fast = double_sparse_factorization(W, gram, engine=engine, density=0.5, max_iter=12)
+    fast = double_sparse_factorization(W, gram, engine=engine, **solver_args(density=0.5, max_iter=12))
     portable = double_sparse_factorization(
-        W, gram, engine=ArrayAPIEngine(np_compat), density=0.5, max_iter=12
+        W, gram, engine=ArrayAPIEngine(np_compat), **solver_args(density=0.5, max_iter=12)
     )
     np.testing.assert_allclose(fast.left, portable.left, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(fast.right, portable.right, rtol=1e-9, atol=1e-11)
@@ -90,7 +96,8 @@ def test_numba_engine_equals_portable_engine_in_float64(engine):
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
 def test_row_masks_balance_every_row_within_budget(engine, shape):
     W = np.random.default_rng(1).standard_normal(shape)
-    result = double_sparse_factorization(W, engine=engine, density=0.5, masks="row", max_iter=6)
+    args = solver_args(density=0.5, masks="row", max_iter=6)
+    result = double_sparse_factorization(W, engine=engine, **args)
     rows_a = np.count_nonzero(result.left, axis=1)
     rows_b = np.count_nonzero(result.right, axis=1)
     assert rows_a.min() == rows_a.max() > 0
@@ -105,7 +112,8 @@ def test_masks_option_is_validated():
 
 def test_search_split_returns_the_best_trial(engine):
     W = np.random.default_rng(2).standard_normal((64, 64))
-    best, trials = search_split(W, engine=engine, density=0.5, search_iter=4)
+    options = DoubleSparseFactorization(density=0.5)._solver_options()
+    best, trials = search_split(W, engine=engine, search_iter=4, **options)
     assert best in trials and len(trials) >= 3
     assert trials[best] == min(trials.values())
 
@@ -118,14 +126,16 @@ def test_callback_can_stop_early_and_sees_errors(engine):
         seen.append(info)
         return info["iteration"] == 2
 
-    result = double_sparse_factorization(W, engine=engine, density=0.5, callback=stop_after_three)
+    result = double_sparse_factorization(
+        W, engine=engine, callback=stop_after_three, **solver_args(density=0.5)
+    )
     assert result.n_iter == 3 and len(seen) == 3
     assert np.isnan(seen[0]["error"]) and 0 < seen[2]["error"] < 1
 
 
 def test_error_history_decreases_over_the_run(engine):
     W = np.random.default_rng(5).standard_normal((64, 64))
-    result = double_sparse_factorization(W, engine=engine, density=0.5, track_errors=True)
+    result = double_sparse_factorization(W, engine=engine, track_errors=True, **solver_args(density=0.5))
     errors = np.array(result.errors)
     assert len(errors) == 40
     # not monotone step by step (ADMM), but the end is far better than the start

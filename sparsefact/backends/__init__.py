@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._base import Engine
 from .array_api import ArrayAPIEngine
 
 BACKENDS = ("auto", "numpy_numba", "array_api", "cupy")
@@ -50,7 +51,7 @@ def resolve_backend_name(backend: str | None, xp: Any) -> str:
     return name
 
 
-def get_engine(backend: str | None, xp: Any) -> ArrayAPIEngine:
+def get_engine(backend: str | None, xp: Any) -> Engine:
     """Instantiate the engine for ``backend`` and namespace ``xp``."""
     name = resolve_backend_name(backend, xp)
     if name == "numpy_numba":
@@ -64,4 +65,4 @@ def get_engine(backend: str | None, xp: Any) -> ArrayAPIEngine:
     return ArrayAPIEngine(xp)
 
 
-__all__ = ["BACKENDS", "ArrayAPIEngine", "get_engine", "resolve_backend_name"]
+__all__ = ["BACKENDS", "ArrayAPIEngine", "Engine", "get_engine", "resolve_backend_name"]

@@ -201,3 +201,116 @@ class ArrayAPIEngine:
         )
         keep = above | (ties & (tie_rank <= need))
         return xp.where(keep, a, xp.zeros_like(a))
+
+    # ------------------------------------------------------------------ exact top-k masks
+    # Ranks come from a stable descending argsort and its inverse permutation (the argsort of
+    # the argsort), so only standard functions are needed: ties go to the lower position.
+    def _descending_ranks(self, scores: Any, axis: int) -> Any:
+        xp = self.xp
+        order = xp.argsort(scores, axis=axis, descending=True, stable=True)
+        return xp.argsort(order, axis=axis, stable=True)
+
+    def topk_mask(self, scores: Any, count: int) -> Any:
+        """Boolean mask of the ``count`` largest entries of ``scores`` over the whole matrix."""
+        xp = self.xp
+        flat = xp.reshape(scores, (-1,))
+        ranks = self._descending_ranks(flat, 0)
+        return xp.reshape(ranks < int(count), scores.shape)
+
+    def row_topk_mask(self, scores: Any, count: int) -> Any:
+        """Boolean mask of the ``count`` largest entries of every row."""
+        return self._descending_ranks(scores, 1) < int(count)
+
+    def n_m_mask(self, scores: Any, n: int, m: int) -> Any:
+        """Keep the ``n`` largest of every ``m`` consecutive entries along each row."""
+        xp = self.xp
+        rows, cols = scores.shape
+        groups = xp.reshape(scores, (rows, cols // m, m))
+        return xp.reshape(self._descending_ranks(groups, 2) < int(n), (rows, cols))
+
+    def row_budget_mask(self, scores: Any, kept: int) -> Any:
+        """Exactly ``kept`` entries spread over the rows as evenly as possible (Wanda's rule).
+
+        Every row keeps its ``kept // m`` highest scores; the ``kept % m`` leftover entries go
+        to the rows whose next-highest score is largest; ties by position.
+        """
+        xp = self.xp
+        m, _ = scores.shape
+        base, extra = divmod(int(kept), m)
+        ranks = self._descending_ranks(scores, 1)
+        counts = xp.full((m,), base, dtype=xp.int64, device=array_api_compat.device(scores))
+        if extra:
+            ordered = xp.sort(scores, axis=1, descending=True, stable=True)
+            next_scores = ordered[:, base]
+            row_rank = self._descending_ranks(next_scores, 0)
+            counts = counts + xp.astype(row_rank < extra, xp.int64)
+        return ranks < counts[:, None]
+
+    # ------------------------------------------------------------------ dense linear algebra
+    def svd(self, a: Any) -> tuple[Any, Any, Any]:
+        """Thin SVD ``a = U diag(s) Vh``."""
+        return self.xp.linalg.svd(a, full_matrices=False)
+
+    def gram_square_root(self, gram: Any) -> Any:
+        """A factor ``S`` with ``S S^T = gram`` for a PSD, possibly singular ``gram``.
+
+        The lower Cholesky factor when it exists, else ``Q sqrt(max(L, 0)) Q^T`` from the
+        eigendecomposition (see :func:`sparsefact.lowrank.gram_square_root`).
+        """
+        xp = self.xp
+        g = 0.5 * (gram + gram.T)
+        try:
+            factor = xp.linalg.cholesky(g)
+        except Exception:  # noqa: BLE001 - each namespace raises its own LinAlgError type
+            factor = None
+        if factor is not None and bool(xp.all(xp.isfinite(factor))):
+            return factor
+        eigvals, eigvecs = xp.linalg.eigh(g)
+        return xp.matmul(eigvecs * xp.sqrt(xp.clip(eigvals, 0.0, None))[None, :], eigvecs.T)
+
+    def upper_cholesky_of_inverse(self, hessian: Any) -> Any:
+        """Upper-triangular ``U`` with ``hessian^-1 = U^T U`` (SparseGPT's factor).
+
+        With ``J`` the index reversal and ``J H J = L L^T``: ``U = J L^-1 J``.
+
+        Raises
+        ------
+        numpy.linalg.LinAlgError
+            If ``hessian`` is not (numerically) positive definite.
+        """
+        xp = self.xp
+        reversed_h = xp.flip(xp.flip(hessian, axis=0), axis=1)
+        try:
+            lower = xp.linalg.cholesky(reversed_h)
+        except Exception as exc:  # noqa: BLE001 - each namespace raises its own error type
+            import numpy as np
+
+            raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite ({exc})") from exc
+        if not bool(xp.all(xp.isfinite(lower))):
+            import numpy as np
+
+            raise np.linalg.LinAlgError("the damped Hessian is not positive definite")
+        inverse = xp.linalg.inv(lower)
+        return xp.flip(xp.flip(inverse, axis=0), axis=1)
+
+    # ------------------------------------------------------------------ results
+    def to_sparse(self, dense: Any) -> Any:
+        """A ``scipy.sparse.csr_array`` copy of a dense factor (on the host)."""
+        import numpy as np
+        import scipy.sparse as sp
+
+        from ._host import to_host
+
+        return sp.csr_array(np.ascontiguousarray(to_host(dense)))
+
+    def obs_panel(self, w_panel: Any, factor_t: Any, errors: Any, prune_coef: Any) -> None:
+        """SparseGPT's column loop over one panel, in place (:func:`sparsefact.pruning.sparsegpt_prune`).
+
+        For each row ``j`` of the panel (a column of ``W``): ``w_panel[j] -= factor_t[j, :j] @
+        errors[:j]``, then ``errors[j] = w_panel[j] * prune_coef[j]``. Needs a namespace whose
+        arrays support item assignment.
+        """
+        for j in range(w_panel.shape[0]):
+            if j > 0:
+                w_panel[j, :] = w_panel[j, :] - self.xp.matmul(factor_t[j, :j], errors[:j, :])
+            errors[j, :] = w_panel[j, :] * prune_coef[j, :]

@@ -42,3 +42,8 @@ class CupyEngine(ArrayAPIEngine):
 
         flat = cupy.abs(v).ravel()
         return float(cupy.partition(flat, index)[index])
+
+    def to_sparse(self, dense):  # pragma: no cover - needs a GPU
+        import cupyx.scipy.sparse as csp
+
+        return csp.csr_matrix(dense)

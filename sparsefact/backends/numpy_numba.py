@@ -29,46 +29,20 @@ the kernels run, never in what they compute:
 from __future__ import annotations
 
 import contextlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
 
 from . import _numba_kernels as nk
+from . import _numpy_kernels as npk
 from .array_api import ArrayAPIEngine
+from .threads import single_threaded_foreign_blas
 
 
 def _c_contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
-@contextlib.contextmanager
-def single_threaded_foreign_blas():
-    """Limit every BLAS library other than NumPy's own to one thread."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl is a core dependency
-        yield
-        return
-    controller = ThreadpoolController()
-    blas = [lc for lc in controller.lib_controllers if lc.user_api == "blas"]
-    numpy_dir = os.path.dirname(np.__file__)
-    has_numpy_own = any("numpy" in os.path.basename(os.path.dirname(lc.filepath)) for lc in blas)
-    foreign = [
-        lc
-        for lc in blas
-        if has_numpy_own
-        and "numpy" not in os.path.basename(os.path.dirname(lc.filepath))
-        and not lc.filepath.startswith(numpy_dir)
-    ]
-    saved = [(lc, lc.num_threads) for lc in foreign]
-    try:
-        for lc, _ in saved:
-            lc.set_num_threads(1)
-        yield
-    finally:
-        for lc, n in saved:
-            lc.set_num_threads(n)
 
 
 def _cholesky_spd_inverse(shifted: np.ndarray) -> np.ndarray:
@@ -197,3 +171,37 @@ class NumpyNumbaEngine(ArrayAPIEngine):
             bool(y_is_sum),
         )
         return mask, u, y
+
+    # ------------------------------------------------------------------ selection (exact top-k)
+    def topk_mask(self, scores, count):
+        return npk.global_topk_mask(scores, count)
+
+    def row_topk_mask(self, scores, count):
+        return npk.row_topk_mask(scores, count)
+
+    def n_m_mask(self, scores, n, m):
+        return npk.n_m_mask(scores, n, m)
+
+    def row_budget_mask(self, scores, kept):
+        return npk.row_budget_mask(scores, kept)
+
+    # ------------------------------------------------------------------ dense linear algebra
+    def svd(self, a):
+        return scipy.linalg.svd(a, full_matrices=False, check_finite=False)
+
+    def gram_square_root(self, gram):
+        return npk.gram_square_root(gram)
+
+    def upper_cholesky_of_inverse(self, hessian):
+        return npk.upper_cholesky_of_inverse(hessian)
+
+    def obs_panel(self, w_panel, factor_t, errors, prune_coef):
+        nk.obs_panel(w_panel, factor_t, errors, prune_coef)
+
+    # ------------------------------------------------------------------ results
+    def to_sparse(self, dense):
+        values = np.ascontiguousarray(dense)
+        if values.dtype in (np.float32, np.float64) and values.ndim == 2:
+            data, indices, indptr = nk.dense_to_csr(values)
+            return sp.csr_array((data, indices, indptr), shape=values.shape)
+        return sp.csr_array(values)
