@@ -31,12 +31,18 @@ FULL_STAMP := $(VENV)/.installed-full-$(PYPROJECT_HASH)
 DROP_STALE := find $(VENV) -maxdepth 1 -name '.installed-*' ! -name '*-$(PYPROJECT_HASH)' -delete
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-full compress demo test lint bench clean distclean
+OLDEST_VENV ?= .venv-oldest-sklearn
+# the oldest scikit-learn that pyproject.toml allows ("scikit-learn>=1.6" -> "scikit-learn==1.6.*")
+OLDEST_SKLEARN := $(shell $(PYTHON) -c "import re; t = open('pyproject.toml').read(); print('scikit-learn==' + re.search(r'scikit-learn>=([0-9]+[.][0-9]+)', t).group(1) + '.*')")
+SKLEARN_TESTS := tests/test_sklearn_checks.py tests/test_methods.py tests/test_estimators.py tests/test_pruning.py tests/test_golden.py
+
+.PHONY: help install install-full compress demo test test-oldest-sklearn lint bench clean distclean
 
 help:
 	@echo "make compress - set up .venv (with torch) if needed, then 'sparsefact compress' (MiniLM, density 0.5)"
 	@echo "make demo   - set up .venv if needed, then run 'sparsefact demo' (DSF vs magnitude pruning)"
 	@echo "make test   - set up .venv if needed, then run the tests (pytest)"
+	@echo "make test-oldest-sklearn - the estimator checks against the oldest supported scikit-learn"
 	@echo "make lint   - ruff check sparsefact tests benchmarks"
 	@echo "make bench  - CPU benchmark (benchmarks/bench_dsf.py, takes minutes)"
 	@echo "make clean  - remove caches and demo/compress output; 'make distclean' also removes .venv"
@@ -75,6 +81,14 @@ demo: $(STAMP)
 test: $(FULL_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# scikit-learn's private API (_fit_context, _param_validation) moves between releases: the
+# estimator checks also run against the oldest release pyproject.toml allows (own venv).
+test-oldest-sklearn:
+	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q -e . "$(OLDEST_SKLEARN)" pytest hypothesis array-api-strict
+	$(OLDEST_VENV)/bin/python -c "import sklearn; print('scikit-learn', sklearn.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SKLEARN_TESTS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sparsefact tests benchmarks
 
@@ -86,4 +100,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) *.egg-info

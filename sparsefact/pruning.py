@@ -244,8 +244,8 @@ def sparsegpt_prune(
     gram: np.ndarray | None,
     *,
     kept: int,
-    block_size: int = 128,
-    damping: float = 0.01,
+    block_size: int,
+    damping: float,
     n_m: tuple[int, int] | None = None,
     engine: Any = None,
 ) -> np.ndarray:

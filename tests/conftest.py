@@ -41,16 +41,37 @@ TEST_THREADS = int(os.environ.get("SPARSEFACT_TEST_THREADS", "1"))
 @pytest.fixture(scope="session", autouse=True)
 def _limit_threads():
     """One thread per pool for the whole session (see the module docstring)."""
-    import numba
-    from threadpoolctl import threadpool_limits
+    from sparsefact.backends.threads import limit_threads
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(TEST_THREADS, numba.config.NUMBA_NUM_THREADS))
-    with threadpool_limits(limits=TEST_THREADS):
+    with limit_threads(TEST_THREADS):
         yield
-    numba.set_num_threads(previous)
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------- namespaces and engines
+NAMESPACES = ("numpy", "array_api_strict", "torch")
+
+
+@pytest.fixture(params=NAMESPACES)
+def xp(request):
+    """An array namespace the portable engine runs under (skipped, with the reason, if missing)."""
+    name = request.param
+    if name == "numpy":
+        import array_api_compat.numpy as np_compat
+
+        return np_compat
+    if name == "torch":
+        pytest.importorskip("torch", reason="torch is not installed (pip install sparsefact[torch])")
+        import array_api_compat.torch as torch_compat
+
+        return torch_compat
+    return pytest.importorskip(name, reason=f"{name} is not installed")
+
+
+def to_namespace(xp, array: np.ndarray):
+    """``array`` as an array of namespace ``xp`` (on its default device)."""
+    return xp.asarray(array)
