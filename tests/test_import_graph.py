@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "compare": 5,
     "layer_fit": 5,
     "parallel": 5,
+    "checkpoint": 5,
     # 6: torch adapters
     "nn_adapters.*": 6,
     # 7: the command line and the package's public face
