@@ -22,8 +22,16 @@ same density, and writes the compressed model and a report::
     sparsefact compress                              # MiniLM, density 0.5, DSF, compare
     sparsefact compress --max-iter 8 --n-calib 64 --no-compare   # a quick run
 
+``sparsefact methods`` lists the method registry (:mod:`sparsefact.methods`): name, kind,
+the calibration statistic each needs, the module family that holds its result, and a
+description. ``--method`` and ``--compare-methods`` accept exactly the layer methods listed
+there, including one a user registered before :func:`main` runs::
+
+    python -c "import sparsefact, mine; sparsefact.register_method('mine', mine.Mine);
+    from sparsefact.cli import main; main(['compress', '--method', 'mine'])"
+
 torch and the model packages are imported only when ``compress`` runs
-(``sparsefact.nn_adapters``), so ``sparsefact demo`` works without them.
+(``sparsefact.nn_adapters``), so ``sparsefact demo`` and ``sparsefact methods`` work without them.
 """
 
 from __future__ import annotations
@@ -232,6 +240,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- compress
 DEFAULT_COMPARE = ("magnitude", "wanda", "sparsegpt")
+KINDS = ("layer", "structured", "scorer")  # sparsefact.methods.KINDS (imported lazily there)
 
 
 def run_compress(
@@ -256,10 +265,12 @@ def run_compress(
     """Compress a text model, evaluate its sentence embeddings, compare methods; return a report.
 
     The model is compressed by ``method`` (the saved one) and, at the same density, by
-    each method of ``compare`` that is installed, each on a fresh copy of the dense
-    model. Evaluation on the held-out sentences: mean (and min) cosine similarity of the
-    compressed and dense sentence embeddings (masked mean pooling + L2 norm), and the
-    fraction of sentences whose nearest other held-out sentence is the same under both.
+    each method of ``compare``, each on a fresh copy of the dense model. Every name must be
+    a layer method of the registry (:func:`sparsefact.methods.available_methods`); an
+    unknown one raises ``ValueError`` before the model is loaded. Evaluation on the held-out
+    sentences: mean (and min) cosine similarity of the compressed and dense sentence
+    embeddings (masked mean pooling + L2 norm), and the fraction of sentences whose nearest
+    other held-out sentence is the same under both.
 
     ``output_dir`` receives ``model.safetensors`` (``save_compressed`` of the ``method``
     model), ``report.json`` (settings, results, per-layer rows of every method) and
@@ -267,7 +278,7 @@ def run_compress(
     """
     import copy
 
-    from .nn_adapters.compress import available_methods, compress_model
+    from .nn_adapters.compress import compress_model
     from .nn_adapters.data import (
         DEFAULT_PLAY,
         calibration_and_heldout,
@@ -285,12 +296,8 @@ def run_compress(
         if verbose:
             print(message, file=out, flush=True)
 
-    methods = available_methods()
-    wanted = [method, *[m for m in compare if m != method]]
-    missing = [m for m in wanted if m not in methods]
-    if method in missing:
-        raise ValueError(f"unknown method {method!r}; available methods: {', '.join(sorted(methods))}")
-    runs = [m for m in wanted if m in methods]
+    runs = list(dict.fromkeys(check_layer_method(m) for m in [method, *compare]))
+    method = runs[0]
 
     start_all = time.perf_counter()
     model_name = model or str(minilm_model_path())
@@ -363,7 +370,7 @@ def run_compress(
             "text": source,
         },
         "results": results,
-        "not_installed": [m for m in missing],
+        "not_installed": [],  # kept for the report's schema: every registered method is available
         "seconds": time.perf_counter() - start_all,
         "layers": {name: list(rep) for name, rep in layer_reports.items()},
     }
@@ -442,8 +449,72 @@ def format_compress_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_layer_method(name: str) -> str:
+    """``name`` (lower-cased) if it is a registered layer method, else ``ValueError`` listing them.
+
+    Scorers (``kind="scorer"``, pruning at initialisation) are refused: ``compress`` fits
+    every layer against its calibration.
+    """
+    from .methods import available_methods
+
+    methods = available_methods()
+    key = name.strip().lower()
+    layer_methods = sorted(n for n, spec in methods.items() if spec.kind != "scorer")
+    if key not in methods:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(layer_methods)}")
+    if methods[key].kind == "scorer":
+        raise ValueError(
+            f"method {name!r} is a pruning-at-initialisation scorer, not a layer method; "
+            f"available methods: {', '.join(layer_methods)}"
+        )
+    return key
+
+
+def _method_arg(text: str) -> str:
+    try:
+        return check_layer_method(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _method_list(text: str) -> list[str]:
-    return [m.strip().lower() for m in text.split(",") if m.strip()]
+    return [_method_arg(m) for m in text.split(",") if m.strip()]
+
+
+def _module_label(module: Any) -> str:
+    if module is None:
+        return "auto"
+    if isinstance(module, str):
+        return module
+    return getattr(module, "__qualname__", None) or type(module).__name__
+
+
+def method_rows(kind: str | None = None) -> list[dict[str, str]]:
+    """The registry as rows ``{name, kind, needs, module, description}`` (``module="auto"``: by factors)."""
+    from .methods import available_methods
+
+    return [
+        {"name": name, "kind": spec.kind, "needs": spec.needs, "module": _module_label(spec.module),
+         "description": spec.description}
+        for name, spec in available_methods(kind).items()
+    ]
+
+
+def format_methods(rows: Sequence[dict[str, str]]) -> str:
+    """The rows of :func:`method_rows` as a plain-text table."""
+    header = ("name", "kind", "needs", "module", "description")
+    cells = [tuple(r[h] for h in header) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)] if cells else []
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, tuple("-" * w for w in widths), *cells]
+    ] if cells else ["(no methods)"]
+    lines += [
+        "needs: calibration statistic of the fit (gram = full input Gram X^T X, diag = its diagonal, "
+        "none = no calibration, grad = gradients through the network);",
+        "module: torch module family of the compressed layer (auto = from the number of factors).",
+    ]
+    return "\n".join(lines)
 
 
 def _density(text: str) -> float:
@@ -473,7 +544,9 @@ def _shape(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sparsefact`` command."""
     from . import __version__
+    from .methods import available_methods
 
+    layer_names = ", ".join(n for n, spec in available_methods().items() if spec.kind != "scorer")
     parser = argparse.ArgumentParser(
         prog="sparsefact",
         description="Double Sparse Factorization: approximate a matrix by two sparse factors A @ B.",
@@ -531,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--density", type=_density, default=0.5, help="kept fraction per layer (default 0.5)")
     comp.add_argument(
-        "--method", default="dsf", type=str.lower, help="method of the saved model (default dsf)"
+        "--method", default="dsf", type=_method_arg, metavar="METHOD",
+        help=f"method of the saved model (default dsf); one of: {layer_names}",
     )
     comp.add_argument(
         "--layers", default=None, metavar="REGEX", help="compress only layers whose name matches REGEX"
@@ -560,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-compare", dest="compare", action="store_false", help="only run --method")
     comp.add_argument(
         "--compare-methods", type=_method_list, default=list(DEFAULT_COMPARE), metavar="M1,M2",
-        help="methods compared with --method (default magnitude,wanda,sparsegpt; skipped if not installed)",
+        help="registered methods compared with --method (default magnitude,wanda,sparsegpt; "
+        "see 'sparsefact methods')",
     )
     comp.add_argument(
         "--dense-inputs", dest="sequential", action="store_false",
@@ -573,6 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
         "thread was 10-30x faster than two)",
     )
     comp.add_argument("-q", "--quiet", action="store_true", help="print only the table")
+
+    meth = sub.add_parser(
+        "methods",
+        help="list the registered compression methods",
+        description="List the method registry: name, kind, the calibration statistic the fit needs, the "
+        "torch module family of the result, and a description. Methods registered with "
+        "sparsefact.register_method before the command runs are listed too.",
+    )
+    meth.add_argument("--kind", choices=list(KINDS), default=None, help="only methods of this kind")
+    meth.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
@@ -606,6 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
             print(f"results written to {args.json}")
+        return 0
+    if args.command == "methods":
+        rows = method_rows(args.kind)
+        print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_methods(rows))
         return 0
     if args.command == "compress":
         try:

@@ -219,7 +219,7 @@ def spec_for(method: Any) -> MethodSpec:
             return spec
     if not issubclass(cls, BaseCompressor):
         raise TypeError(f"method must be a registered name or a BaseCompressor, got {method!r}")
-    return MethodSpec(cls.__name__, cls)
+    return MethodSpec(cls.__name__, cls, needs=getattr(cls, "_needs", "gram"))
 
 
 def make_estimator(method: Any, density: float, params: Mapping[str, Any] | None = None) -> Any:

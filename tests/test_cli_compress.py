@@ -116,3 +116,149 @@ def test_minilm_dsf_keeps_embeddings_and_beats_magnitude(tmp_path):
     batches = tokenize_batches(tokenizer, held_out)
     cos = (embed(loaded, batches) * embed(dense_model, batches)).sum(1).mean().item()
     assert cos == pytest.approx(rows["dsf"]["mean_cosine"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- registry-driven choices
+def test_unknown_compare_method_is_an_argument_error(capsys, monkeypatch):
+    import sparsefact.cli as cli
+
+    def never(**kwargs):  # pragma: no cover - must not be reached
+        raise AssertionError("run_compress was called: the model would have been loaded")
+
+    monkeypatch.setattr(cli, "run_compress", never)
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--compare-methods", "magnitude,nonsense", "--output-dir", "unused"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "nonsense" in errors[0] and "available methods" in errors[0]
+    assert "skipped" not in err
+
+
+def test_run_compress_rejects_unknown_names_before_loading(monkeypatch):
+    import sparsefact.nn_adapters.data as data
+    from sparsefact.cli import run_compress
+
+    monkeypatch.setattr(data, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(ValueError, match="unknown method 'nonsense'"):
+        run_compress(compare=["nonsense"], output_dir=None, verbose=False)
+
+
+def test_methods_subcommand_lists_the_registry(capsys):
+    from sparsefact.methods import available_methods
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["name", "kind", "needs", "module", "description"]
+    for name, spec in available_methods().items():
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert line.split()[1:3] == [spec.kind, spec.needs]
+    assert main(["methods", "--json", "--kind", "layer"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {n for n, s in available_methods().items() if s.kind == "layer"}
+    assert {r["module"] for r in rows if r["name"] == "wanda"} == {"sparse"}
+
+
+def test_a_method_registered_before_main_is_listed_and_accepted():
+    """As with ``python -c "...register_method(...); main([...])"``: a new process, the public API only."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import sparsefact; "
+        "from toy_method import NAME, KeepDiagonal; "
+        "sparsefact.register_method(NAME, KeepDiagonal, description='keep the main diagonal'); "
+        "from sparsefact.cli import build_parser, main; "
+        "args = build_parser().parse_args(['compress', '--method', NAME, '--compare-methods', NAME]); "
+        "assert args.method == NAME and args.compare_methods == [NAME]; "
+        "sys.exit(main(['methods']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("keep-diagonal"))
+    assert line.split()[1:4] == ["layer", "none", "auto"] and "keep the main diagonal" in line
+
+
+# ---------------------------------------------------------------------------- a tiny text model
+VOCAB = 50
+
+
+class TinyTokenizer:
+    """Words to ids by a fixed sum of character codes; pads to the longest sentence of a batch."""
+
+    def __call__(self, sentences, padding=True, truncation=True, max_length=128, return_tensors="pt"):
+        ids = [[sum(map(ord, w)) % (VOCAB - 1) + 1 for w in s.split()][:max_length] for s in sentences]
+        width = max(len(row) for row in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class TinyBlock(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, 2 * d)
+        self.fc2 = torch.nn.Linear(2 * d, d)
+
+    def forward(self, hidden_states, attention_mask=None):
+        return (hidden_states + self.fc2(torch.relu(self.fc1(hidden_states))),)
+
+
+class TinyTextModel(torch.nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, d)
+        self.layers = torch.nn.ModuleList([TinyBlock(d), TinyBlock(d)])
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=attention_mask)[0]
+        return (h,)
+
+
+def tiny_text_model():
+    """``--model test_cli_compress:tiny_text_model``: ``(model, tokenizer)``, the same every call."""
+    torch.manual_seed(0)
+    return TinyTextModel().eval(), TinyTokenizer()
+
+
+@pytest.fixture
+def keep_diagonal():
+    from toy_method import NAME, KeepDiagonal
+
+    import sparsefact
+
+    sparsefact.register_method(NAME, KeepDiagonal, description="keep the main diagonal")
+    yield NAME
+    sparsefact.unregister_method(NAME)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+def test_user_method_through_the_cli_on_a_tiny_model(keep_diagonal, tmp_path):
+    from sparsefact.nn_adapters import SparseLinear, load_compressed
+
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(words[(3 * i + j) % 40] for j in range(4 + i % 3)) for i in range(64)]
+    calib = tmp_path / "lines.txt"
+    calib.write_text("\n".join(lines) + "\n")
+    out_dir = tmp_path / "out"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = main([
+            "compress", "--model", "test_cli_compress:tiny_text_model", "--method", keep_diagonal,
+            "--compare-methods", "magnitude", "--calib-file", str(calib), "--n-calib", "12",
+            "--n-eval", "12", "--output-dir", str(out_dir), "-q",
+        ])
+    assert status == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {keep_diagonal, "magnitude"} and report["not_installed"] == []
+    assert rows[keep_diagonal]["layers"] == 4  # 2 blocks x (fc1, fc2)
+    assert all(r["method"] == keep_diagonal for r in report["layers"][keep_diagonal])
+    assert keep_diagonal in buffer.getvalue()
+    loaded = load_compressed(lambda: tiny_text_model()[0], out_dir / "model.safetensors")
+    assert all(isinstance(loaded.layers[i].fc1, SparseLinear) for i in (0, 1))
+    W = loaded.layers[0].fc2.to_dense()
+    assert torch.equal(W, W * torch.eye(*W.shape))

@@ -158,3 +158,31 @@ def test_layer_never_called_has_a_clear_error():
         pass
     with pytest.raises(ValueError, match="no activations reached"):
         cap.calibration("0")
+
+
+def test_diag_statistic_accumulates_only_the_diagonal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Conv2d(1, 3, 3, padding=1))
+
+    def forward(m, batch):
+        h = m[1](m[0](batch))
+        return m[2](h.reshape(-1, 1, 1, 5))
+
+    batches = [torch.randn(4, 3, 6), torch.randn(2, 3, 6)]
+    caps = {}
+    for statistic in ("gram", "diag"):
+        with ActivationCapture(model, names=["0", "2"], statistic=statistic) as cap:
+            cap.run(batches, forward=forward)
+        caps[statistic] = cap
+    diag_cap = caps["diag"]
+    for name, n in (("0", 6), ("2", 9)):
+        assert diag_cap._acc[name].gram.shape == (n,)  # n floats, no n x n matrix
+        cal = diag_cap.calibration(name)
+        assert cal.statistic == "diag" and cal.n_samples == caps["gram"].n_tokens[name]
+        full = caps["gram"].calibration(name)
+        np.testing.assert_allclose(cal.diag(), np.diag(full.gram()), rtol=1e-12)
+        torch.testing.assert_close(diag_cap.diag(name), caps["gram"].diag(name))
+        with pytest.raises(ValueError, match="diagonal"):
+            diag_cap.gram(name)
+    with pytest.raises(ValueError, match="statistic"):
+        ActivationCapture(model, statistic="full")

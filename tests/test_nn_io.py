@@ -279,3 +279,125 @@ def test_not_a_sparsefact_file(tmp_path):
 def test_model_without_named_module(saved):
     with pytest.raises(ValueError, match="no submodule"):
         load_compressed(lambda: nn.Sequential(nn.Linear(12, 16)), saved)
+
+
+# ---------------------------------------------------------------------------- old files, every family
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def v1_dense_model() -> nn.Module:
+    """The dense architecture of tests/data/nn_v1_model.safetensors (see tests/data/nn_v1_make.py)."""
+    torch.manual_seed(5)  # another seed than the file's: every tensor must come from the file
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.Unflatten(1, (1, 4, 4)),
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 3, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(12, 5),
+    )
+
+
+def test_format_version_1_file_still_loads(tmp_path):
+    """A file written by the code before the module classes owned their configs loads the same."""
+    path = os.path.join(DATA, "nn_v1_model.safetensors")
+    ref = np.load(os.path.join(DATA, "nn_v1_model_reference.npz"))
+    loaded = load_compressed(v1_dense_model, path).eval()
+    kinds = {"2": (DoubleSparseLinear, "csr"), "4": (DoubleSparseConv2d, "dense"),
+             "7": (DoubleSparseConv2d, "csr"), "9": (SparseLinear, "csr")}
+    for name, (cls, layout) in kinds.items():
+        module = loaded.get_submodule(name)
+        assert type(module) is cls
+        assert set(module.layouts.values()) == {layout}
+        for f in module._factor_names:
+            assert np.array_equal(module.factor(f).numpy(), ref[f"{name}.{f}"])
+    assert loaded[2].bias is None and loaded[7].stride == (2, 2) and loaded[4].padding == (1, 1)
+    assert int(loaded[5].num_batches_tracked) == 3
+    with torch.no_grad():
+        y = loaded(torch.from_numpy(ref["x"]))
+    # the factors are bit-identical; the output up to float32 rounding (MKL sums in an order
+    # that depends on the thread count: the reference was computed with the default threads)
+    torch.testing.assert_close(y, torch.from_numpy(ref["y"]), rtol=1e-6, atol=1e-5)
+    # saving it again writes the same config, key for key (the format did not change)
+    from safetensors import safe_open
+
+    again = tmp_path / "again.safetensors"
+    save_compressed(loaded, again)
+    with safe_open(path, "pt") as old, safe_open(str(again), "pt") as new:
+        assert json.loads(new.metadata()["config"]) == json.loads(old.metadata()["config"])
+        assert set(new.keys()) == set(old.keys())
+
+
+def every_family_model() -> nn.Module:
+    """Linear -> Linear -> Linear -> (1, 4, 4) -> Conv -> Conv -> Conv -> Linear, one per family."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16, bias=False), nn.Unflatten(1, (1, 4, 4)),
+        nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        nn.Conv2d(4, 3, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2)), nn.Flatten(), nn.Linear(6, 5),
+    )
+
+
+def test_round_trip_of_every_module_family(tmp_path):
+    from sparsefact.nn_adapters import LowRankConv2d, LowRankLinear, SparseConv2d
+    from sparsefact.nn_adapters.capture import layer_matrix
+
+    rng = np.random.default_rng(0)
+    model = every_family_model().eval()
+
+    def pruned(W, density=0.5):
+        return np.where(rng.random(W.shape) < density, W, 0).astype(np.float32)
+
+    def factors(cls, layer):
+        W = layer_matrix(layer).numpy()
+        if cls in (SparseLinear, SparseConv2d):
+            return (pruned(W),)
+        U, s, Vt = np.linalg.svd(W, full_matrices=False)
+        A, B = (U[:, :3] * s[:3]).astype(np.float32), Vt[:3].astype(np.float32)
+        return (A, B) if cls in (LowRankLinear, LowRankConv2d) else (pruned(A), pruned(B))
+
+    plan = {"0": SparseLinear, "1": DoubleSparseLinear, "2": LowRankLinear, "4": SparseConv2d,
+            "5": DoubleSparseConv2d, "6": LowRankConv2d}
+    for name, cls in plan.items():
+        layer = model.get_submodule(name)
+        replace_module(model, name, cls.from_layer(layer, factors(cls, layer)))
+    path = tmp_path / "families.safetensors"
+    save_compressed(model, path)
+    loaded = load_compressed(every_family_model, path).eval()
+    for name, cls in plan.items():
+        assert type(loaded.get_submodule(name)) is cls
+        assert loaded.get_submodule(name).get_config() == model.get_submodule(name).get_config()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    rows = compression_report(loaded)
+    assert [r["class"] for r in rows[:-1]] == [c.__name__ for c in plan.values()]
+
+
+def test_wrong_conv_geometry_is_reported(saved):
+    def other_conv():
+        m = make_model()
+        m[7] = nn.Conv2d(6, 3, 5, stride=2, padding=1)
+        return m
+
+    with pytest.raises(ValueError, match="kernel_size"):
+        load_compressed(other_conv, saved)
+
+
+def test_bad_dtype_and_geometry_in_the_config(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "dtype.safetensors",
+                   metadata=_edit_config(lambda c: c["modules"][0].update({"dtype": "int8"})))
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "geom.safetensors",
+                   metadata=_edit_config(lambda c: c["modules"][1].pop("dilation")))
+    with pytest.raises(ValueError, match="malformed module config"):
+        load_compressed(make_model, bad)
+
+
+def test_io_has_no_per_class_code():
+    import inspect
+
+    from sparsefact.nn_adapters import io
+
+    source = inspect.getsource(io)
+    code = source[source.index('"""', 3) + 3:]  # after the module docstring
+    for name in ("DoubleSparseConv2d", "DoubleSparseLinear", "SparseLinear", "SparseConv2d", "LowRank"):
+        assert name not in code

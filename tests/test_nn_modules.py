@@ -344,3 +344,187 @@ def test_replace_module_by_dotted_name():
         replace_module(model, "1.7", new)
     with pytest.raises(ValueError, match="root"):
         replace_module(model, "", new)
+
+
+# ---------------------------------------------------------------------------- SparseConv2d, low rank
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparsefact.nn_adapters import LowRankConv2d, LowRankLinear, SparseConv2d  # noqa: E402
+from sparsefact.nn_adapters.modules import MODULE_CLASSES, module_class  # noqa: E402
+
+_pairs = st.tuples(st.integers(1, 3), st.integers(1, 3))
+
+
+@st.composite
+def conv_geometry(draw):
+    kernel = draw(_pairs)
+    stride = draw(_pairs)
+    dilation = draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
+    padding = draw(st.tuples(st.integers(0, 2), st.integers(0, 2)))
+    # the input must be at least as large as the dilated kernel after padding
+    size = [max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4))
+            for k, d, p in zip(kernel, dilation, padding, strict=True)]
+    return kernel, stride, padding, dilation, tuple(size)
+
+
+@given(geometry=conv_geometry(), bias=st.booleans(), layout=st.sampled_from(LAYOUTS),
+       c_in=st.integers(1, 3), out=st.integers(1, 4), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_sparse_conv_matches_dense_conv(geometry, bias, layout, c_in, out, batch, seed):
+    kernel, stride, padding, dilation, size = geometry
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, c_in, *kernel, generator=g)
+    weight[torch.rand(weight.shape, generator=g) < 0.5] = 0
+    b = torch.randn(out, generator=g) if bias else None
+    m = SparseConv2d.from_weight(weight.flatten(1), b, kernel_size=kernel, stride=stride, padding=padding,
+                                 dilation=dilation, layout=layout)
+    assert m.layouts == {"weight": layout}
+    x = torch.randn(batch, c_in, *size, generator=g)
+    ref = F.conv2d(x, weight, b, stride, padding, dilation)
+    _close(m(x), ref)
+    _close(m.to_dense(), weight)
+    _close(m(x[0]), ref[0])
+    assert m.nnz == int((weight != 0).sum())
+
+
+@given(geometry=conv_geometry(), bias=st.booleans(), rank=st.integers(1, 3), c_in=st.integers(1, 3),
+       out=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_lowrank_conv_matches_dense_conv(geometry, bias, rank, c_in, out, seed):
+    kernel, stride, padding, dilation, size = geometry
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(out, rank, generator=g)
+    V = torch.randn(rank, c_in * kernel[0] * kernel[1], generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    m = LowRankConv2d.from_factors(U, V, b, kernel_size=kernel, stride=stride, padding=padding,
+                                   dilation=dilation)
+    assert m.layouts == {"A": "dense", "B": "dense"} and m.rank == rank
+    assert torch.equal(m.U, U) and torch.equal(m.V, V)
+    x = torch.randn(2, c_in, *size, generator=g)
+    ref = F.conv2d(x, (U @ V).reshape(out, c_in, *kernel), b, stride, padding, dilation)
+    _close(m(x), ref, tol=1e-4)
+
+
+@given(rank=st.integers(1, 4), bias=st.booleans(), lead=st.sampled_from([(), (3,), (2, 3)]),
+       seed=st.integers(0, 2**16))
+def test_lowrank_linear_matches_dense_product(rank, bias, lead, seed):
+    g = torch.Generator().manual_seed(seed)
+    U, V = torch.randn(7, rank, generator=g), torch.randn(rank, 5, generator=g)
+    b = torch.randn(7, generator=g) if bias else None
+    m = LowRankLinear.from_factors(U, V, b)
+    assert m.layouts == {"A": "dense", "B": "dense"} and m.inner_features == m.rank == rank
+    x = torch.randn(*lead, 5, generator=g)
+    ref = x @ (U @ V).T + (b if bias else 0)
+    _close(m(x), ref)
+
+
+def test_lowrank_modules_are_always_dense():
+    with pytest.raises(ValueError, match="dense"):
+        LowRankLinear(4, 3, 2, layout="csr")
+    U = sp.random(400, 300, density=0.01, format="csr", random_state=0, dtype=np.float32)
+    m = LowRankLinear.from_factors(U, np.eye(300, 400, dtype=np.float32))  # very sparse: still dense
+    assert m.layouts == {"A": "dense", "B": "dense"}
+    m._set_factor("A", m.A, "csr")
+    assert m.layouts["A"] == "dense"
+    sd = m.state_dict()
+    fresh = LowRankLinear(400, 400, 300, bias=False)
+    fresh.load_state_dict(sd)
+    assert fresh.A.layout is torch.strided and torch.equal(fresh.A, m.A)
+
+
+def test_sparse_conv_constructor_and_errors():
+    m = SparseConv2d(2, 4, 3, stride=2, padding="same", bias=False)
+    assert m.weight.shape == (4, 18) and m.padding == (1, 1) and m.bias is None
+    assert m(torch.randn(1, 2, 5, 5)).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError, match="multiple"):
+        SparseConv2d.from_weight(np.ones((4, 10)), kernel_size=3)
+    four_d = torch.randn(4, 2, 3, 3)
+    assert torch.equal(SparseConv2d.from_weight(four_d, kernel_size=3).to_dense(), four_d)
+    assert "kernel_size=(3, 3)" in repr(m)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sparse_conv_state_dict_and_deepcopy(layout):
+    weight = torch.randn(4, 2 * 9)
+    weight[weight.abs() < 0.8] = 0
+    m = SparseConv2d.from_weight(weight, torch.randn(4), kernel_size=3, padding=1, layout=layout)
+    fresh = SparseConv2d(2, 4, 3, padding=1, layout=layout)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(2, 2, 6, 6)
+    assert torch.equal(fresh(x), m(x))
+    assert torch.equal(copy.deepcopy(m)(x), m(x))
+    assert m.dense_bytes == (4 * 18 + 4) * 4
+
+
+# ---------------------------------------------------------------------------- from_layer
+def test_from_layer_takes_geometry_and_bias_from_the_layer():
+    conv = torch.nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    W = conv.weight.detach().flatten(1).numpy().copy()
+    W[np.abs(W) < 0.1] = 0
+    x = torch.randn(2, 3, 9, 8)
+    eye = np.eye(W.shape[1], dtype=np.float32)
+    for cls, factors in [(SparseConv2d, (W,)), (DoubleSparseConv2d, (W, eye)),
+                         (LowRankConv2d, (np.eye(5, dtype=np.float32), W))]:
+        m = cls.from_layer(conv, factors)
+        assert (m.stride, m.padding, m.dilation, m.kernel_size) == ((2, 1), (1, 0), (1, 2), (3, 2))
+        kernel = torch.from_numpy(W).reshape(conv.weight.shape)
+        ref = F.conv2d(x, kernel, conv.bias, conv.stride, conv.padding, conv.dilation)
+        _close(m(x), ref)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    W = lin.weight.detach().numpy()
+    m = SparseLinear.from_layer(lin, (W,))
+    assert m.bias is None and torch.equal(m.to_dense(), lin.weight.detach())
+    with pytest.raises(ValueError, match="factor"):
+        DoubleSparseLinear.from_layer(lin, (W,))
+    with pytest.raises(ValueError, match="layer's matrix"):
+        SparseLinear.from_layer(lin, (W.T,))
+
+
+# ---------------------------------------------------------------------------- config
+def _every_module():
+    """One instance of every built-in module class, with non-trivial geometry."""
+    A, B = _factors(6, 3, 2 * 3 * 2, 0.5)
+    return [
+        DoubleSparseLinear.from_factors(A, B, torch.randn(6), layout="csr"),
+        SparseLinear.from_weight(_dense(B), None, layout="dense"),
+        LowRankLinear.from_factors(_dense(A), _dense(B), torch.randn(6)),
+        DoubleSparseConv2d.from_factors(A, B, None, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0),
+                                        dilation=(1, 2), layout="csr"),
+        SparseConv2d.from_weight(_dense(B), torch.randn(3), kernel_size=(3, 2), stride=2, padding=1),
+        LowRankConv2d.from_factors(_dense(A), _dense(B), torch.randn(6), kernel_size=(3, 2), dilation=2),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_get_config_from_config_round_trip(index):
+    import json
+
+    module = _every_module()[index].to(torch.float64)
+    cfg = module.get_config()
+    assert json.loads(json.dumps(cfg)) == cfg  # JSON-able
+    assert cfg["class"] == type(module).__name__ and cfg["dtype"] == "float64"
+    rebuilt = module_class(cfg["class"]).from_config(cfg)
+    assert type(rebuilt) is type(module) and rebuilt.get_config() == {**cfg, "layouts": rebuilt.layouts}
+    assert rebuilt.layouts == module.layouts
+    for f in module._factor_names:
+        assert getattr(rebuilt, f).shape == getattr(module, f).shape
+        assert not rebuilt.factor(f).any()
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(rebuilt.to_dense(), module.to_dense())
+
+
+def test_module_classes_registered_by_name():
+    assert {"SparseLinear", "DoubleSparseLinear", "LowRankLinear", "SparseConv2d", "DoubleSparseConv2d",
+            "LowRankConv2d"} <= set(MODULE_CLASSES)
+    assert not any(name.startswith("_") for name in MODULE_CLASSES)
+
+    class ScaledSparseLinearForTest(SparseLinear):
+        pass
+
+    try:
+        assert module_class("ScaledSparseLinearForTest") is ScaledSparseLinearForTest
+    finally:
+        del MODULE_CLASSES["ScaledSparseLinearForTest"]
+    with pytest.raises(ValueError, match="unknown module class"):
+        module_class("Nope")
+    with pytest.raises(TypeError, match="built into sparsefact"):
+        type("SparseLinear", (SparseLinear,), {"__module__": "somewhere.else"})

@@ -1,7 +1,8 @@
 """Capture calibration Grams of a torch model's layers with forward hooks.
 
 Each target layer ``y = W x`` gets a float64 Gram ``G = X^T X`` of its inputs ``X``
-(one row per token, or per output position of a convolution) accumulated while
+(one row per token, or per output position of a convolution) -- or, with
+``statistic="diag"``, only its diagonal -- accumulated while
 calibration batches stream through the model; :meth:`ActivationCapture.calibrations`
 returns them as :class:`sparsefact.Calibration` objects, ready for
 ``estimator.fit(W, calibration=...)``.
@@ -187,9 +188,12 @@ def _conv_columns(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 class _GramAccumulator:
-    __slots__ = ("gram", "n_tokens")
+    """Float64 sum of ``x xᵀ`` (``statistic="gram"``) or of ``x²`` per feature (``"diag"``) over rows."""
 
-    def __init__(self) -> None:
+    __slots__ = ("gram", "n_tokens", "statistic")
+
+    def __init__(self, statistic: str = "gram") -> None:
+        self.statistic = statistic
         self.gram: torch.Tensor | None = None
         self.n_tokens = 0
 
@@ -197,7 +201,7 @@ class _GramAccumulator:
         if rows.shape[0] == 0:
             return
         x64 = rows.detach().to(torch.float64)
-        contribution = x64.T @ x64
+        contribution = (x64 * x64).sum(0) if self.statistic == "diag" else x64.T @ x64
         if self.gram is None:
             self.gram = contribution
         else:
@@ -206,7 +210,7 @@ class _GramAccumulator:
 
 
 class ActivationCapture:
-    """Forward hooks that accumulate a float64 input Gram for each target layer.
+    """Forward hooks that accumulate a float64 input Gram (or only its diagonal) for each target layer.
 
     Use it as a context manager: the hooks are registered on entry and always removed
     on exit, also when the forward pass raises::
@@ -222,6 +226,11 @@ class ActivationCapture:
         Which layers to hook (default: all supported layers except output heads).
     names : list of str, optional
         Exact layer names; overrides ``layers`` (used by ``compress_model``).
+    statistic : {"gram", "diag"}, default="gram"
+        Accumulate the full Gram ``X^T X`` (n x n float64 per layer), or only its diagonal
+        (``sum_t X_tj^2``: n numbers per layer), enough for methods that use only the input
+        norms (Wanda, magnitude pruning); :meth:`calibration` then returns a diagonal-only
+        :class:`~sparsefact.Calibration` (``Calibration.from_diag``).
 
     Attributes
     ----------
@@ -231,7 +240,11 @@ class ActivationCapture:
         Rows accumulated per layer so far.
     """
 
-    def __init__(self, model: nn.Module, layers: Any = None, *, names: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: Any = None, *, names: Sequence[str] | None = None,
+                 statistic: str = "gram") -> None:
+        if statistic not in ("gram", "diag"):
+            raise ValueError(f"statistic must be 'gram' or 'diag', got {statistic!r}")
+        self.statistic = statistic
         self.model = model
         self.names = list(names) if names is not None else select_layers(model, layers)
         modules = dict(model.named_modules())
@@ -242,7 +255,7 @@ class ActivationCapture:
         for name, module in self._modules.items():
             if not is_supported_layer(module):
                 raise TypeError(f"{name}: unsupported layer type {type(module).__name__}")
-        self._acc = {n: _GramAccumulator() for n in self.names}
+        self._acc = {n: _GramAccumulator(statistic) for n in self.names}
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ hooks
@@ -293,18 +306,41 @@ class ActivationCapture:
     def n_tokens(self) -> dict[str, int]:
         return {n: a.n_tokens for n, a in self._acc.items()}
 
-    def gram(self, name: str) -> torch.Tensor:
-        """The float64 Gram accumulated for layer ``name`` (a torch tensor, on the activations' device)."""
-        gram = self._acc[name].gram
-        if gram is None:
+    def _accumulated(self, name: str) -> torch.Tensor:
+        value = self._acc[name].gram
+        if value is None:
             raise ValueError(f"no activations reached layer {name!r}: was it called during the forward pass?")
-        return gram
+        return value
+
+    def gram(self, name: str) -> torch.Tensor:
+        """The float64 Gram accumulated for layer ``name`` (a torch tensor, on the activations' device).
+
+        Raises ``ValueError`` when only the diagonal was accumulated (``statistic="diag"``).
+        """
+        if self.statistic == "diag":
+            raise ValueError(
+                "this capture accumulated only the Gram's diagonal (statistic='diag'); use diag(), or "
+                "ActivationCapture(..., statistic='gram') for the full Gram"
+            )
+        return self._accumulated(name)
+
+    def diag(self, name: str) -> torch.Tensor:
+        """The diagonal of layer ``name``'s Gram (float64, ``sum_t X_tj^2``), for either statistic."""
+        value = self._accumulated(name)
+        return value if self.statistic == "diag" else torch.diagonal(value)
 
     def calibration(self, name: str) -> Calibration:
-        """The Gram of layer ``name`` as a :class:`~sparsefact.Calibration` (NumPy float64)."""
+        """Layer ``name``'s statistic as a :class:`~sparsefact.Calibration` (NumPy float64).
+
+        The full Gram (``Calibration.from_gram``) or, with ``statistic="diag"``, a diagonal-only
+        calibration (``Calibration.from_diag``).
+        """
+        n_tokens = self._acc[name].n_tokens
+        if self.statistic == "diag":
+            return Calibration.from_diag(self._accumulated(name).cpu().numpy(), n_samples=n_tokens)
         gram = self.gram(name)
         gram = 0.5 * (gram + gram.T)
-        return Calibration.from_gram(gram.cpu().numpy(), n_samples=self._acc[name].n_tokens)
+        return Calibration.from_gram(gram.cpu().numpy(), n_samples=n_tokens)
 
     def calibrations(self) -> dict[str, Calibration]:
         """``{layer name: Calibration}`` for every hooked layer."""

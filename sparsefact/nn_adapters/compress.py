@@ -1,13 +1,23 @@
 """Compress the linear layers of a torch model, block by block, from calibration data.
 
-:func:`compress_model` is the one entry point. For a transformer it works like
-SparseGPT's ``opt_sequential`` (reference/baselines.md §3.5): the inputs of the first
-repeated block are captured, then for each block in turn
+:func:`compress_model` is the one entry point. It is a loop around three separate steps:
 
-1. forward hooks on the block's target layers accumulate each layer's input Gram
+(a) capture: forward hooks (:class:`~.capture.ActivationCapture`) accumulate the calibration
+    statistic the method needs -- the full input Gram, only its diagonal, or nothing
+    (``measure_error`` and the method's registry entry decide, see :func:`compress_model`);
+(b) fit: :func:`sparsefact.layer_fit.fit_layer`, pure (no torch), fits the method to the
+    layer's weight matrix against that calibration;
+(c) install: :func:`~.install.install_result` replaces the layer by the module family the
+    method's registry entry names (:mod:`sparsefact.nn_adapters.install`).
+
+For a transformer it works like SparseGPT's ``opt_sequential`` (reference/baselines.md §3.5):
+the inputs of the first repeated block are captured, then for each block in turn
+
+1. forward hooks on the block's target layers accumulate each layer's calibration statistic
    while all calibration inputs go through the block (dense within the block),
-2. every target layer is compressed against its Gram and replaced by a sparse module
-   (:class:`DoubleSparseLinear` for DSF, :class:`SparseLinear` for the pruners),
+2. every target layer is fitted against it and replaced by its method's module
+   (:class:`DoubleSparseLinear` for DSF, :class:`SparseLinear` for the pruners,
+   :class:`LowRankLinear` for low rank; the Conv2d counterparts for convolutions),
 3. the compressed block is run again to give the next block's inputs
    (``sequential=True``); with ``sequential=False`` the next block gets the dense
    block's outputs instead, so every block is calibrated on the dense model's
@@ -17,15 +27,18 @@ Models without repeated blocks (small MLPs, CNNs) are compressed layer by layer:
 layer is calibrated on the outputs of the already-compressed layers before it
 (``sequential=True``, one pass over the data per layer) or all layers on one pass of
 the dense model (``sequential=False``).
+
+The methods are those of the registry (:func:`sparsefact.methods.available_methods`,
+re-exported here); a method registered with :func:`sparsefact.register_method` works here
+without further code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +46,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibration import Calibration
+from ..layer_fit import LayerSpec, fit_layer
+from ..methods import MethodSpec, available_methods, make_estimator, method_name, spec_for
 from .capture import (
     _CURRENT_MASK,
     ActivationCapture,
-    _is_hf_conv1d,
     is_supported_layer,
     iter_batches,
     layer_matrix,
@@ -44,6 +59,7 @@ from .capture import (
     select_layers,
     token_mask,
 )
+from .install import _place, _row, install_result
 
 __all__ = [
     "CompressionReport",
@@ -53,58 +69,6 @@ __all__ = [
     "find_blocks",
     "make_estimator",
 ]
-
-# method name -> (module, class name); the core ones always exist, the others when written.
-_METHODS: dict[str, tuple[str, str]] = {
-    "dsf": ("sparsefact.estimators", "DoubleSparseFactorization"),
-    "magnitude": ("sparsefact.estimators", "MagnitudePruning"),
-    "wanda": ("sparsefact.pruning", "Wanda"),
-    "sparsegpt": ("sparsefact.pruning", "SparseGPT"),
-    "admm": ("sparsefact.pruning", "ADMMPruning"),
-    "lowrank": ("sparsefact.lowrank", "LowRank"),
-}
-
-
-def available_methods() -> dict[str, type]:
-    """``{name: estimator class}`` of the compression methods present in this installation."""
-    import importlib
-
-    found = {}
-    for name, (module_name, class_name) in _METHODS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        cls = getattr(module, class_name, None)
-        if cls is not None:
-            found[name] = cls
-    return found
-
-
-def make_estimator(method: Any, density: float, params: Mapping[str, Any] | None = None) -> Any:
-    """An unfitted compressor for ``method`` (a name, an estimator class or instance) at ``density``."""
-    params = dict(params or {})
-    if isinstance(method, str):
-        methods = available_methods()
-        cls = methods.get(method.lower())
-        if cls is None:
-            raise ValueError(f"unknown method {method!r}; available methods: {', '.join(sorted(methods))}")
-        return cls(density=density, **params)
-    if isinstance(method, type):
-        return method(density=density, **params)
-    from sklearn.base import clone
-
-    return clone(method).set_params(density=density, **params)
-
-
-def _method_name(method: Any) -> str:
-    if isinstance(method, str):
-        return method.lower()
-    cls = method if isinstance(method, type) else type(method)
-    for name, (_, class_name) in _METHODS.items():
-        if cls.__name__ == class_name:
-            return name
-    return cls.__name__
 
 
 # ---------------------------------------------------------------------- blocks
@@ -229,75 +193,14 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 # ---------------------------------------------------------------------- one layer
-@contextlib.contextmanager
-def _thread_limit(threads: int | None):
-    """Numba and BLAS thread pools limited to ``threads`` during a fit (``None``: unchanged)."""
-    if threads is None:
-        yield
-        return
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
-        with threadpool_limits(limits=int(threads)):
-            yield
-    finally:
-        numba.set_num_threads(previous)
-
-
-def _to_module_like(new: nn.Module, old: nn.Module) -> nn.Module:
-    param = next(iter(old.parameters()))
-    try:
-        new = new.to(device=param.device, dtype=param.dtype)
-    except (RuntimeError, TypeError):  # sparse storage that cannot take this dtype: keep float32
-        new = new.to(device=param.device)
-    new.train(old.training)
-    return new
-
-
-def _write_weight(module: nn.Module, W_hat: np.ndarray) -> None:
-    weight = module.weight
-    values = torch.as_tensor(W_hat)
-    if _is_hf_conv1d(module):
-        values = values.T
-    with torch.no_grad():
-        weight.copy_(values.reshape(weight.shape).to(dtype=weight.dtype, device=weight.device))
-
-
-def _build_module(module: nn.Module, est: Any, replace: bool) -> nn.Module | None:
-    """The module that replaces ``module`` (``None``: the weight was overwritten in place)."""
-    if not replace:
-        _write_weight(module, np.asarray(est.reconstruct()))
-        return None
-    from .modules import DoubleSparseConv2d, DoubleSparseLinear, SparseLinear
-
-    bias = None if module.bias is None else module.bias.detach().to(torch.float32).cpu()
-    factored = hasattr(est, "A_") and hasattr(est, "B_")
-    if isinstance(module, nn.Conv2d):
-        if factored and module.padding_mode == "zeros":
-            return DoubleSparseConv2d.from_factors(
-                est.A_,
-                est.B_,
-                bias,
-                kernel_size=module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-            )
-        _write_weight(module, np.asarray(est.reconstruct()))  # pruned conv: zeros in the dense kernel
-        return None
-    if factored:
-        return DoubleSparseLinear.from_estimator(est, bias=bias)
-    if hasattr(est, "weight_"):
-        return SparseLinear.from_estimator(est, bias=bias)
-    return SparseLinear.from_weight(np.asarray(est.reconstruct()), bias=bias)
+def _weight_matrix(module: nn.Module) -> np.ndarray:
+    """The layer matrix (out x in) in float32 on the CPU (fp16/bf16 weights are upcast)."""
+    return layer_matrix(module).to(torch.float32).cpu().numpy()
 
 
 def compress_layer(
     module: nn.Module,
-    calibration: Any,
+    calibration: Calibration | None,
     method: Any = "dsf",
     density: float = 0.5,
     *,
@@ -308,43 +211,18 @@ def compress_layer(
 ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Compress one layer against its calibration; return ``(new module or None, report row)``.
 
-    The weight is compressed in float32 on the CPU (fp16/bf16 weights are upcast), and
-    the new module is moved to the layer's device and dtype. ``None`` means the weight
-    was overwritten in place (``replace=False``, or a pruned Conv2d, which keeps its
-    dense kernel with zeros).
+    A thin wrapper of :func:`sparsefact.layer_fit.fit_layer` and the install step
+    (:func:`~.install.build_module`) that does not touch a model: the caller puts the new
+    module in place. The weight is compressed in float32 on the CPU (fp16/bf16 weights are
+    upcast), and the new module is on the layer's device and in its dtype. ``None`` means the
+    weight was overwritten in place (``replace=False``, or a Conv2d with a non-zero
+    ``padding_mode``).
     """
-    W = layer_matrix(module).to(torch.float32).cpu().numpy()
-    est = make_estimator(method, density, params)
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, _thread_limit(threads):
-        warnings.simplefilter("always")
-        est.fit(W, calibration=calibration)
-    new = _build_module(module, est, replace)
-    if new is not None:
-        new = _to_module_like(new, module)
-    seconds = time.perf_counter() - start
-    messages = []
-    for record in caught:
-        if record.category.__name__ == "ConvergenceWarning":
-            messages.append(str(record.message))
-        else:
-            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-    row = {
-        "name": name,
-        "type": type(module).__name__,
-        "shape": [int(W.shape[0]), int(W.shape[1])],
-        "method": _method_name(method),
-        "target_density": float(density),
-        "density": float(est.density_),
-        "nnz": int(est.nnz_),
-        "calibrated_err": float(est.calibrated_err_),
-        "n_tokens": int(getattr(calibration, "n_samples", 0)),
-        "seconds": float(seconds),
-        "replaced_by": type(new).__name__ if new is not None else f"{type(module).__name__} (in place)",
-    }
-    if messages:
-        row["warnings"] = messages
-    return new, row
+    spec = spec_for(method)
+    result = fit_layer(_weight_matrix(module), calibration,
+                       LayerSpec(method, float(density), dict(params), threads, name))
+    new = _place(module, result, spec, replace)
+    return new, _row(result.row, module, new, name)
 
 
 # ---------------------------------------------------------------------- report
@@ -352,7 +230,10 @@ class CompressionReport(list):
     """The per-layer rows of :func:`compress_model` (a list of dicts), with writers.
 
     Each row: ``name, type, shape [out, in], method, target_density, density,
-    nnz, calibrated_err, n_tokens, seconds, replaced_by`` (and ``warnings`` if any).
+    nnz, calibrated_err, n_tokens, seconds, replaced_by`` (and ``warnings`` if any, and
+    ``err_metric`` when ``calibrated_err`` is not measured in the full Gram metric:
+    ``"diag"`` -- in the diagonal metric ``sum_ij D_ij^2 G_jj`` -- or ``"none"``, the plain
+    relative Frobenius error of an uncalibrated fit).
     """
 
     def summary(self) -> dict[str, Any]:
@@ -404,12 +285,6 @@ class CompressionReport(list):
 
 
 # ---------------------------------------------------------------------- model
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    from .modules import replace_module
-
-    replace_module(model, name, new)
-
-
 def _density_for(density: Any, name: str) -> float:
     if isinstance(density, Mapping):
         if name in density:
@@ -418,6 +293,34 @@ def _density_for(density: Any, name: str) -> float:
             return float(density["*"])
         raise KeyError(f"density: no entry for layer {name!r} (add it, or a default under '*')")
     return float(density)
+
+
+@dataclass
+class _Run:
+    """What every layer of one :func:`compress_model` call shares."""
+
+    method: Any
+    spec: MethodSpec
+    density: Any
+    params: dict[str, Any]
+    threads: int | None
+    replace: bool
+    statistic: str  # "gram", "diag" or "none": what is captured
+    bar: Any
+    report: CompressionReport = field(default_factory=CompressionReport)
+
+    def layer(self, model: nn.Module, name: str, module: nn.Module, calibration: Calibration | None,
+              full_name: str | None = None) -> None:
+        """Fit the layer at ``name`` in ``model`` (pure), install the result, record the row."""
+        full = full_name or name
+        spec = LayerSpec(self.method, _density_for(self.density, full), self.params, self.threads, full)
+        result = fit_layer(_weight_matrix(module), calibration, spec)
+        if calibration is None:
+            result.row.setdefault("err_metric", "none")
+        row = install_result(model, name, module, result, self.spec, self.replace)
+        self.report.append(row)
+        self.bar.set_postfix_str(f"{full} err={row['calibrated_err']:.3f}")
+        self.bar.update(1)
 
 
 def compress_model(
@@ -433,6 +336,7 @@ def compress_model(
     replace: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     threads: int | None = None,
+    measure_error: bool = True,
     **params: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a model's linear layers from calibration data; return ``(model, report)``.
@@ -445,11 +349,16 @@ def compress_model(
         Each batch goes through the model as in :func:`~.capture.run_batch`: a tensor as
         the input, a dict (tokenizer output) as keyword arguments whose
         ``attention_mask`` excludes padding tokens from the Grams, a ``(x, y)`` pair
-        by its ``x``. A lone tensor or dict is one batch.
+        by its ``x``. A lone tensor or dict is one batch. Not used (may be ``None``) for
+        a method that needs no calibration with ``measure_error=False``.
     method : str, estimator class or estimator
-        ``"dsf"`` (DoubleSparseFactorization), ``"magnitude"``, and, when installed,
-        ``"wanda"``, ``"sparsegpt"``, ``"admm"``, ``"lowrank"``; see
-        :func:`available_methods`. An estimator instance is cloned for each layer.
+        A layer method of the registry (:func:`sparsefact.methods.available_methods`:
+        ``"dsf"``, ``"dsf-exact"``, ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``,
+        ``"admm"``, ``"lowrank"`` and any registered with :func:`sparsefact.register_method`),
+        or a :class:`~sparsefact.base.BaseCompressor` class or instance (an instance is cloned
+        for each layer). The registry entry says which calibration statistic the method needs
+        and which module family holds its result. Pruning-at-initialisation scorers
+        (``kind="scorer"``) are whole-network methods and are refused.
     density : float or {layer name: float}
         Kept fraction of each layer's entries; a mapping may hold a default under ``"*"``.
     blocks : None, False, str, or list of names/modules
@@ -466,9 +375,11 @@ def compress_model(
     progress : bool
         tqdm progress bar over layers (on stderr).
     replace : bool
-        Replace layers by :class:`DoubleSparseLinear` / :class:`SparseLinear` /
-        :class:`DoubleSparseConv2d` (default), or write the compressed weight ``A @ B``
-        into the existing dense weight (``False``).
+        Replace layers by the method's module family (default; :mod:`~.install`:
+        :class:`DoubleSparseLinear` / :class:`SparseLinear` / :class:`LowRankLinear` and
+        their Conv2d counterparts), or write the compressed weight (the product of the
+        factors) into the existing dense weight (``False``). A Conv2d with a non-zero
+        ``padding_mode`` is always written in place.
     forward : callable, optional
         ``forward(model, batch)`` to call the model on a batch, for unusual inputs.
     threads : int, optional
@@ -476,6 +387,17 @@ def compress_model(
         layer is fitted (restored afterwards); ``None`` leaves them alone. On a busy
         shared machine ``1`` can be much faster: a 384x384 DSF fit (8 outer iterations)
         after torch forwards took 1.1 s with one thread and 13-36 s with two on 2 busy cores.
+    measure_error : bool, default=True
+        Capture the full input Gram of every layer whatever the method needs, so every
+        row's ``calibrated_err`` is the calibrated error ``||(W - W_hat) X^T|| / ||W X^T||``
+        (the numbers of earlier versions). ``False`` captures only what the method's fit
+        uses (its registry entry's ``needs``): ``"gram"`` -- the full Gram, as before;
+        ``"diag"`` (Wanda) -- only the Gram's diagonal, accumulated in the hooks (n floats
+        per layer instead of an n x n float64 matrix), and ``calibrated_err`` is then in the
+        diagonal metric (``err_metric="diag"`` in the row); ``"none"`` (magnitude pruning) --
+        no calibration pass at all: layers are fitted without calibration and
+        ``calibrated_err`` is the plain relative error ``||W - W_hat|| / ||W||``
+        (``err_metric="none"``, ``n_tokens=0``). The compressed weights are the same either way.
     **params
         Passed to the estimator's constructor (e.g. ``max_iter=8`` for DSF).
 
@@ -484,48 +406,60 @@ def compress_model(
     model : nn.Module
     report : CompressionReport
         One dict per layer (see :class:`CompressionReport`).
+
+    Raises
+    ------
+    ValueError
+        An unknown method name, a scorer method, or bad estimator parameters.
     """
     from tqdm.auto import tqdm
 
-    if isinstance(method, str):
-        make_estimator(method, 0.5, params)  # fail early on unknown methods / parameters
-    params = {**params, "threads": threads}
+    spec = spec_for(method)  # ValueError listing the methods for an unknown name
+    if spec.kind == "scorer":
+        raise ValueError(
+            f"method {spec.name!r} is a pruning-at-initialisation scorer (kind='scorer'): it scores a "
+            "whole network through its gradients (pruning at initialisation, a different path), not a "
+            "per-layer compressor; compress_model takes the layer methods: "
+            + ", ".join(n for n, s in available_methods().items() if s.kind != "scorer")
+        )
+    make_estimator(method, 0.5, params)  # fail early on bad parameters
+    statistic = "gram" if measure_error else spec.needs
+    if statistic not in ("gram", "diag", "none"):
+        raise ValueError(f"method {spec.name!r} needs {spec.needs!r}, which compress_model cannot capture")
     was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     model.eval()
     if use_cache:
         config.use_cache = False
-    report = CompressionReport()
     try:
         with torch.no_grad():
             resolved = _resolve_blocks(model, blocks)
             if resolved is None:
                 targets = select_layers(model, layers)
-                _check_targets(targets, density)
-                bar = tqdm(total=len(targets), desc=f"compress ({_method_name(method)})",
-                           disable=not progress)
-                try:
-                    _compress_layerwise(model, calibration_data, targets, method, density, sequential,
-                                        replace, forward, params, report, bar)
-                finally:
-                    bar.close()
+                per_block = None
             else:
                 names, mods = resolved
                 per_block = [select_layers(b, layers, prefix=n) for n, b in zip(names, mods, strict=True)]
-                _check_targets([t for ts in per_block for t in ts], density)
-                bar = tqdm(total=sum(map(len, per_block)), desc=f"compress ({_method_name(method)})",
-                           disable=not progress)
-                try:
-                    _compress_blockwise(model, calibration_data, names, mods, per_block, method, density,
-                                        sequential, replace, forward, params, report, bar)
-                finally:
-                    bar.close()
+                targets = [t for ts in per_block for t in ts]
+            _check_targets(targets, density)
+            bar = tqdm(total=len(targets), desc=f"compress ({method_name(method)})", disable=not progress)
+            run = _Run(method, spec, density, dict(params), threads, replace, statistic, bar)
+            try:
+                if statistic == "none":
+                    _compress_uncalibrated(model, targets, run)
+                elif per_block is None:
+                    _compress_layerwise(model, calibration_data, targets, sequential, forward, run)
+                else:
+                    _compress_blockwise(model, calibration_data, names, mods, per_block, sequential, forward,
+                                        run)
+            finally:
+                bar.close()
     finally:
         model.train(was_training)
         if use_cache:
             config.use_cache = use_cache
-    return model, report
+    return model, run.report
 
 
 def _check_targets(targets: list[str], density: Any) -> None:
@@ -535,43 +469,34 @@ def _check_targets(targets: list[str], density: Any) -> None:
         _density_for(density, name)
 
 
-def _do_layer(model, name, module, calibration, method, density, replace, params, report, bar) -> None:
-    new, row = compress_layer(
-        module, calibration, method, _density_for(density, name), replace=replace, name=name, **params
-    )
-    if new is not None:
-        _replace(model, name, new)
-    report.append(row)
-    bar.set_postfix_str(f"{name} err={row['calibrated_err']:.3f}")
-    bar.update(1)
+def _compress_uncalibrated(model: nn.Module, targets: list[str], run: _Run) -> None:
+    """Every target fitted without calibration: no pass over the data."""
+    for name in targets:
+        run.layer(model, name, model.get_submodule(name), None)
 
 
-def _compress_layerwise(model, data, targets, method, density, sequential, replace, forward, params, report,
-                        bar):
+def _compress_layerwise(model, data, targets, sequential, forward, run: _Run) -> None:
     if not sequential:
-        with ActivationCapture(model, names=targets) as cap:
+        with ActivationCapture(model, names=targets, statistic=run.statistic) as cap:
             cap.run(data, forward=forward)
         modules = dict(model.named_modules())
         for name in targets:
-            _do_layer(model, name, modules[name], cap.calibration(name), method, density, replace, params,
-                      report, bar)
+            run.layer(model, name, modules[name], cap.calibration(name))
         return
     for name in targets:
-        with ActivationCapture(model, names=[name]) as cap:
+        with ActivationCapture(model, names=[name], statistic=run.statistic) as cap:
             cap.run(data, forward=forward)
-        module = dict(model.named_modules())[name]
-        _do_layer(model, name, module, cap.calibration(name), method, density, replace, params, report, bar)
+        run.layer(model, name, model.get_submodule(name), cap.calibration(name))
 
 
-def _compress_blockwise(model, data, names, blocks, per_block, method, density, sequential, replace, forward,
-                        params, report, bar):
+def _compress_blockwise(model, data, names, blocks, per_block, sequential, forward, run: _Run) -> None:
     last = max(i for i, targets in enumerate(per_block) if targets)  # later blocks need no inputs
     inputs = _catch_block_inputs(model, blocks[0], data, forward)
     for block_name, block, targets in zip(names[: last + 1], blocks[: last + 1], per_block, strict=False):
         local = [t[len(block_name) + 1:] for t in targets]
         dense_outputs = []
         if targets:
-            with ActivationCapture(block, names=local) as cap:
+            with ActivationCapture(block, names=local, statistic=run.statistic) as cap:
                 for args, kwargs, mask in inputs:
                     with token_mask(mask):
                         out = block(*args, **kwargs)
@@ -579,9 +504,7 @@ def _compress_blockwise(model, data, names, blocks, per_block, method, density, 
                         dense_outputs.append(_block_hidden(out))
             modules = dict(block.named_modules())
             for full, short in zip(targets, local, strict=True):
-                _do_layer(block, short, modules[short], cap.calibration(short), method, density, replace,
-                          params, report, bar)
-                report[-1]["name"] = full
+                run.layer(block, short, modules[short], cap.calibration(short), full_name=full)
         if block is blocks[last]:
             break
         if not dense_outputs:  # sequential (or nothing compressed): outputs of the block as it is now

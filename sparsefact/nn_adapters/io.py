@@ -2,9 +2,10 @@
 
 File layout (format ``sparsefact``, version 1)
 ---------------------------------------------
-Tensors, for every replaced module ``<name>`` (a :class:`DoubleSparseLinear`,
-:class:`DoubleSparseConv2d` or :class:`SparseLinear`) and each of its factors ``<f>``
-(``A``/``B`` or ``weight``):
+Tensors, for every replaced module ``<name>`` (any registered module class:
+:class:`DoubleSparseLinear`, :class:`SparseLinear`, :class:`LowRankLinear` and their Conv2d
+counterparts, or a user's :class:`~sparsefact.nn_adapters.modules._FactorModule` subclass) and
+each of its factors ``<f>`` (``A``/``B`` or ``weight``):
 
 - ``<name>.<f>.crow_indices`` (int32, int64 if needed), ``<name>.<f>.col_indices`` (int16 when
   the factor has at most 32768 columns, else int32/int64), ``<name>.<f>.values`` when the factor
@@ -23,6 +24,11 @@ buffers) under its own key. The safetensors metadata holds ``format``, ``format_
                   + "in_features"/"out_features"/"inner_features" or the conv geometry}],
      "dense_keys": [...]}
 
+Each module entry is ``{"name": ..., **module.get_config(), "storage": ...}``: the module class
+describes itself (:meth:`~sparsefact.nn_adapters.modules._FactorModule.get_config`) and rebuilds
+itself (``from_config``, ``check_original``); this file has no per-class code. The keys are
+those of the first files written (version 1), which still load.
+
 ``load_compressed(model_or_factory, path)`` builds the dense model, replaces the modules named in
 the config (with their recorded runtime layouts) and loads every tensor; any inconsistency between
 the file and the model raises ``ValueError`` naming it.
@@ -38,12 +44,10 @@ import torch
 from torch import nn
 
 from .modules import (
-    DoubleSparseConv2d,
-    DoubleSparseLinear,
-    SparseLinear,
     _FactorModule,
     _index_bytes,
     _storage_bytes,
+    module_class,
     replace_module,
 )
 
@@ -51,13 +55,6 @@ __all__ = ["FORMAT_VERSION", "compression_report", "load_compressed", "save_comp
 
 FORMAT = "sparsefact"
 FORMAT_VERSION = 1
-_CLASSES: dict[str, type[_FactorModule]] = {
-    "DoubleSparseLinear": DoubleSparseLinear,
-    "DoubleSparseConv2d": DoubleSparseConv2d,
-    "SparseLinear": SparseLinear,
-}
-_DTYPES = {str(d).removeprefix("torch."): d for d in
-           (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _compressed_modules(model: nn.Module) -> list[tuple[str, _FactorModule]]:
@@ -95,27 +92,6 @@ def compression_report(model: nn.Module) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- save
-def _module_config(name: str, module: _FactorModule) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "name": name,
-        "class": type(module).__name__,
-        "dtype": str(module._dtype).removeprefix("torch."),
-        "bias": module.bias is not None,
-        "layouts": dict(module.layouts),
-        "shapes": {f: list(getattr(module, f).shape) for f in module._factor_names},
-    }
-    if isinstance(module, DoubleSparseConv2d):
-        cfg.update(in_channels=module.in_channels, out_channels=module.out_channels,
-                   inner_channels=module.inner_channels, kernel_size=list(module.kernel_size),
-                   stride=list(module.stride), padding=list(module.padding),
-                   dilation=list(module.dilation))
-    else:
-        cfg.update(in_features=module.in_features, out_features=module.out_features)
-        if isinstance(module, DoubleSparseLinear):
-            cfg["inner_features"] = module.inner_features
-    return cfg
-
-
 def _factor_tensors(key: str, W: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
     W = W.detach().cpu()
     csr = W if W.layout is torch.sparse_csr else None
@@ -151,7 +127,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     for name, module in _compressed_modules(model):
         if not name:
             raise ValueError("the root module itself is a compressed module; wrap it in a container")
-        cfg = _module_config(name, module)
+        cfg = {"name": name, **module.get_config()}
         cfg["storage"] = {}
         for f in module._factor_names:
             storage, parts = _factor_tensors(f"{name}.{f}", getattr(module, f))
@@ -252,69 +228,23 @@ def _read_factor(tensors, key: str, storage: str, shape: list[int], dtype: torch
     return torch.sparse_csr_tensor(crow64, col64, val.to(dtype), size=(rows, cols), check_invariants=True)
 
 
-def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    if cfg["class"] == "DoubleSparseConv2d":
-        kh, kw = cfg["kernel_size"]
-        return {"A": (cfg["out_channels"], cfg["inner_channels"]),
-                "B": (cfg["inner_channels"], cfg["in_channels"] * kh * kw)}
-    if cfg["class"] == "DoubleSparseLinear":
-        return {"A": (cfg["out_features"], cfg["inner_features"]),
-                "B": (cfg["inner_features"], cfg["in_features"])}
-    return {"weight": (cfg["out_features"], cfg["in_features"])}
-
-
-def _check_against_original(name: str, cfg: dict[str, Any], original: nn.Module) -> None:
-    """The replaced module of the fresh model must have the shapes the file was made from."""
-    pairs = []
-    if cfg["class"] == "DoubleSparseConv2d":
-        pairs = [("in_channels", cfg["in_channels"]), ("out_channels", cfg["out_channels"]),
-                 ("kernel_size", tuple(cfg["kernel_size"]))]
-    else:
-        pairs = [("in_features", cfg["in_features"]), ("out_features", cfg["out_features"])]
-    for attr, want in pairs:
-        if hasattr(original, attr):
-            have = getattr(original, attr)
-            have = tuple(have) if isinstance(have, (tuple, list)) else have
-            if have != want:
-                raise ValueError(f"module {name!r}: the model has {attr}={have}, the file has {want}")
-
-
 def _build(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> _FactorModule:
-    cls_name = cfg.get("class")
-    if cls_name not in _CLASSES:
-        raise ValueError(f"unknown module class {cls_name!r} for {cfg.get('name')!r} "
-                         f"(known: {sorted(_CLASSES)})")
+    """The module described by ``cfg`` (its class rebuilds it), filled with its tensors from the file."""
     name = cfg["name"]
-    if cfg.get("dtype") not in _DTYPES:
-        raise ValueError(f"module {name!r}: unsupported dtype {cfg.get('dtype')!r}")
-    dtype = _DTYPES[cfg["dtype"]]
-    expected = _expected_shapes(cfg)
-    factors = {}
-    for f, shape in expected.items():
+    module = module_class(cfg.get("class")).from_config(cfg)
+    for f in module._factor_names:
+        shape = tuple(int(s) for s in getattr(module, f).shape)
         if tuple(cfg["shapes"].get(f, ())) != shape:
             raise ValueError(f"module {name!r}: factor {f} shape {cfg['shapes'].get(f)} in the config does "
                              f"not match its dimensions {shape}")
-        factors[f] = _read_factor(tensors, f"{name}.{f}", cfg["storage"][f], list(shape), dtype)
-    bias = None
-    if cfg["bias"]:
-        bias = _take(tensors, f"{name}.bias")
-        out = expected["A" if "A" in expected else "weight"][0]
-        if tuple(bias.shape) != (out,):
-            raise ValueError(f"tensor {name + '.bias'!r} has shape {tuple(bias.shape)}, expected {(out,)}")
-    cls = _CLASSES[cls_name]
-    if cls is DoubleSparseConv2d:
-        module = cls(cfg["in_channels"], cfg["out_channels"], cfg["inner_channels"],
-                     tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["padding"]),
-                     tuple(cfg["dilation"]), bias=cfg["bias"], dtype=dtype)
-    elif cls is DoubleSparseLinear:
-        module = cls(cfg["in_features"], cfg["out_features"], cfg["inner_features"], bias=cfg["bias"],
-                     dtype=dtype)
-    else:
-        module = cls(cfg["in_features"], cfg["out_features"], bias=cfg["bias"], dtype=dtype)
-    for f, W in factors.items():
+        W = _read_factor(tensors, f"{name}.{f}", cfg["storage"][f], list(shape), module._dtype)
         module._set_factor(f, W, cfg["layouts"].get(f, "auto"))
-    if bias is not None:
-        module.bias = bias.to(dtype).clone()
+    if module.bias is not None:
+        bias = _take(tensors, f"{name}.bias")
+        if tuple(bias.shape) != tuple(module.bias.shape):
+            raise ValueError(f"tensor {name + '.bias'!r} has shape {tuple(bias.shape)}, "
+                             f"expected {tuple(module.bias.shape)}")
+        module.bias = bias.to(module._dtype).clone()
     return module
 
 
@@ -338,7 +268,7 @@ def load_compressed(model_or_factory: nn.Module | Any, path: str | os.PathLike) 
                 original = model.get_submodule(name)
             except AttributeError as exc:
                 raise ValueError(f"the model has no submodule {name!r} named in the file") from exc
-            _check_against_original(name, cfg, original)
+            module_class(cfg.get("class")).check_original(cfg, original, name)
             module = _build(cfg, tensors)
             ref = next(iter(original.parameters(recurse=True)), None)
             if ref is None:
@@ -347,7 +277,7 @@ def load_compressed(model_or_factory: nn.Module | Any, path: str | os.PathLike) 
                 module = module.to(device=ref.device)
             replace_module(model, name, module)
             replaced.append(name)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{os.fspath(path)}: malformed module config: {exc!r}") from exc
     state = model.state_dict()
     expected_dense = [k for k in state if not any(k.startswith(n + ".") for n in replaced)]

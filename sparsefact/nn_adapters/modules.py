@@ -1,4 +1,19 @@
-"""torch modules that hold sparse factors: ``DoubleSparseLinear``, ``DoubleSparseConv2d``, ``SparseLinear``.
+"""torch modules that hold the factors of a compressed layer.
+
+=====================  =======================================  ===========================
+family                 Linear (and transformers' ``Conv1D``)    Conv2d (groups=1)
+=====================  =======================================  ===========================
+``"sparse"``           :class:`SparseLinear`                    :class:`SparseConv2d`
+``"double_sparse"``    :class:`DoubleSparseLinear`              :class:`DoubleSparseConv2d`
+``"lowrank"``          :class:`LowRankLinear`                   :class:`LowRankConv2d`
+=====================  =======================================  ===========================
+
+(the families are registered in :mod:`sparsefact.nn_adapters.install`). Every module class
+builds itself from the dense factors of a fitted estimator (``est.get_factors()``) and the
+original layer (:meth:`~_FactorModule.from_layer`), and describes itself for saving
+(:meth:`~_FactorModule.get_config` / :meth:`~_FactorModule.from_config`); every public
+subclass of ``_FactorModule`` is registered by its class name in :data:`MODULE_CLASSES`, which
+is what :func:`~sparsefact.nn_adapters.load_compressed` can rebuild.
 
 A compressed layer keeps its factors either as torch sparse CSR tensors (``layout="csr"``) or as
 dense tensors whose pruned entries are zeros (``layout="dense"``, the "masked dense" form). The
@@ -51,6 +66,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,10 +76,15 @@ import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import nn
 
 __all__ = [
+    "MODULE_CLASSES",
     "DoubleSparseConv2d",
     "DoubleSparseLinear",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "SparseConv2d",
     "SparseLinear",
     "choose_layout",
+    "module_class",
     "replace_module",
 ]
 
@@ -75,6 +96,12 @@ CSR_MIN_NUMEL = 1 << 16
 _LAYOUTS = ("auto", "csr", "dense")
 _HALF = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
+#: dtype names of a saved config (``"float32"``, ...) -> torch dtype.
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+#: class name -> module class: every public ``_FactorModule`` subclass, filled by ``__init_subclass__``.
+MODULE_CLASSES: dict[str, type[_FactorModule]] = {}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -211,18 +238,55 @@ def _chain_linear(x2: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor
 
 
 class _FactorModule(nn.Module):
-    """Shared machinery: factor buffers with a per-factor runtime layout."""
+    """Shared machinery: factor buffers with a per-factor runtime layout, config and registration.
+
+    A subclass declares
+
+    - ``_factor_names``: its factor buffers, left to right in the product ``W = F1 @ F2 ...``;
+    - ``_config_keys``: the constructor's geometry arguments, saved by :meth:`get_config` (the
+      constructor must accept them by keyword, plus ``bias`` and ``dtype``);
+    - ``_original_checks``: ``(config key, attribute)`` pairs compared with the dense layer
+      that a saved module replaces (:meth:`check_original`);
+    - ``_forced_layout``: a runtime layout every factor must have (``"dense"`` for low rank).
+
+    Public subclasses are registered by class name in :data:`MODULE_CLASSES`.
+    """
 
     _factor_names: tuple[str, ...] = ()
+    _config_keys: tuple[str, ...] = ()
+    _original_checks: tuple[tuple[str, str], ...] = ()
+    _forced_layout: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("_"):
+            return
+        existing = MODULE_CLASSES.get(cls.__name__)
+        if existing is not None and existing.__module__ == __name__ and cls.__module__ != __name__:
+            raise TypeError(
+                f"a module class named {cls.__name__!r} is built into sparsefact; "
+                "give the subclass another name (saved files refer to modules by class name)"
+            )
+        MODULE_CLASSES[cls.__name__] = cls
 
     def __init__(self, layout: str) -> None:
         super().__init__()
-        self.layout = _check_layout(layout)
+        layout = _check_layout(layout)
+        if self._forced_layout is not None:
+            if layout not in ("auto", self._forced_layout):
+                raise ValueError(
+                    f"{type(self).__name__} keeps its factors in the {self._forced_layout!r} layout, "
+                    f"got layout={layout!r}"
+                )
+            layout = self._forced_layout
+        self.layout = layout
         self.layouts: dict[str, str] = {}
 
     # -- factors
     def _set_factor(self, name: str, W: torch.Tensor, layout: str | None = None) -> None:
         """Store ``W`` as buffer ``name`` in ``layout`` (default: this module's rule)."""
+        if self._forced_layout is not None:
+            layout = self._forced_layout
         chosen = _resolve(W, self.layout if layout is None else _check_layout(layout))
         self.layouts[name] = chosen
         self.register_buffer(name, _to_layout(W.detach(), chosen))
@@ -280,6 +344,108 @@ class _FactorModule(nn.Module):
 
     def _dense_weight_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- building from a fitted estimator
+    @classmethod
+    def from_layer(cls, layer: nn.Module, factors: Sequence[Any], *, layout: str = "auto") -> _FactorModule:
+        """The module that replaces ``layer``: its ``factors`` (``est.get_factors()``), the layer's bias.
+
+        Parameters
+        ----------
+        layer : nn.Module
+            The dense layer being replaced (``nn.Linear``, transformers ``Conv1D`` or, for the
+            convolution modules, ``nn.Conv2d``): its geometry and bias are taken from it.
+        factors : sequence of arrays
+            Dense factors (NumPy, SciPy sparse or torch) whose product is the layer matrix
+            ``W`` (out x in, see :func:`~sparsefact.nn_adapters.capture.layer_matrix`).
+        layout : {"auto", "csr", "dense"}
+
+        Returns
+        -------
+        module
+            In float32 on the CPU (the layer's bias copied); the caller moves it to the
+            layer's device and dtype.
+        """
+        factors = tuple(factors)
+        if len(factors) != len(cls._factor_names):
+            raise ValueError(
+                f"{cls.__name__} holds {len(cls._factor_names)} factor(s) {cls._factor_names}, "
+                f"got {len(factors)}"
+            )
+        bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().to(torch.float32).cpu()
+        module = cls._from_layer(layer, factors, bias, layout)
+        from .capture import layer_matrix
+
+        want = tuple(layer_matrix(layer).shape)
+        have = (int(getattr(module, cls._factor_names[0]).shape[0]),
+                int(getattr(module, cls._factor_names[-1]).shape[1]))
+        if have != want:
+            raise ValueError(f"the factors multiply to a {have} matrix, but the layer's matrix is {want}")
+        return module
+
+    @classmethod
+    def _from_layer(cls, layer: nn.Module, factors: tuple, bias: Any, layout: str) -> _FactorModule:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- save / load
+    def get_config(self) -> dict[str, Any]:
+        """JSON-able description: class, dtype, bias flag, layouts, factor shapes and geometry.
+
+        :meth:`from_config` of it gives an all-zero module of the same geometry, dtype and
+        layouts; :func:`~sparsefact.nn_adapters.save_compressed` stores it in the file.
+        """
+        cfg: dict[str, Any] = {
+            "class": type(self).__name__,
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "bias": self.bias is not None,
+            "layouts": dict(self.layouts),
+            "shapes": {f: [int(s) for s in getattr(self, f).shape] for f in self._factor_names},
+        }
+        for key in self._config_keys:
+            value = getattr(self, key)
+            cfg[key] = [int(v) for v in value] if isinstance(value, tuple | list) else int(value)
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> _FactorModule:
+        """An all-zero module of the geometry, dtype, bias flag and layouts in ``cfg``.
+
+        Raises
+        ------
+        ValueError
+            An unsupported dtype or an impossible geometry.
+        KeyError
+            A geometry key is missing.
+        """
+        dtype_name = cfg.get("dtype")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"module {cfg.get('name', '')!r}: unsupported dtype {dtype_name!r}")
+        geometry = {}
+        for key in cls._config_keys:
+            value = cfg[key]
+            geometry[key] = tuple(int(v) for v in value) if isinstance(value, list | tuple) else int(value)
+        module = cls(**geometry, bias=bool(cfg["bias"]), dtype=DTYPES[dtype_name])
+        for f, layout in dict(cfg.get("layouts") or {}).items():
+            if f in module._factor_names:
+                module._set_factor(f, getattr(module, f), layout)
+        return module
+
+    @classmethod
+    def check_original(cls, cfg: Mapping[str, Any], original: nn.Module, name: str = "") -> None:
+        """Raise ``ValueError`` if the dense ``original`` does not have the geometry ``cfg`` was saved from.
+
+        Attributes the original layer does not have (a transformers ``Conv1D`` has no
+        ``in_features``) are not compared.
+        """
+        for key, attr in cls._original_checks:
+            if not hasattr(original, attr):
+                continue
+            have = getattr(original, attr)
+            have = tuple(have) if isinstance(have, tuple | list) else have
+            want = cfg[key]
+            want = tuple(want) if isinstance(want, tuple | list) else want
+            if have != want:
+                raise ValueError(f"module {name!r}: the model has {attr}={have}, the file has {want}")
 
     # -- torch plumbing for CSR buffers
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -346,15 +512,39 @@ def _empty_factor(shape: tuple[int, int], dtype, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- linear
-class DoubleSparseLinear(_FactorModule):
+class _LinearFactors(_FactorModule):
+    """Shared part of the linear modules: ``y = x Wᵀ + bias`` with ``W`` the product of the factors."""
+
+    _original_checks = (("in_features", "in_features"), ("out_features", "out_features"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        factors = [getattr(self, n) for n in reversed(self._factor_names)]
+        y = _chain_linear(x.reshape(-1, self.in_features), factors)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight (the product of the factors) of shape (out_features, in_features)."""
+        result = self.factor(self._factor_names[0])
+        for n in self._factor_names[1:]:
+            result = result @ self.factor(n)
+        return result
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+
+class DoubleSparseLinear(_LinearFactors):
     """``y = x (A B)ᵀ + bias`` with sparse ``A`` (out x k) and ``B`` (k x in), never forming ``A B``.
 
     Parameters
     ----------
     in_features, out_features, inner_features : int
         ``n``, ``m`` and the inner dimension ``k``. The constructor makes all-zero factors (to be
-        filled by ``load_state_dict`` / ``load_compressed``); use :meth:`from_factors` or
-        :meth:`from_estimator` to build from data.
+        filled by ``load_state_dict`` / ``load_compressed``); use :meth:`from_factors`,
+        :meth:`~_FactorModule.from_layer` or :meth:`from_estimator` to build from data.
     bias : bool
     layout : {"auto", "csr", "dense"}
         Runtime storage of each factor; ``auto`` applies :func:`choose_layout` per factor
@@ -369,6 +559,7 @@ class DoubleSparseLinear(_FactorModule):
     """
 
     _factor_names = ("A", "B")
+    _config_keys = ("in_features", "out_features", "inner_features")
 
     def __init__(self, in_features: int, out_features: int, inner_features: int, bias: bool = True, *,
                  layout: str = "auto", dtype: torch.dtype | None = None, device: Any = None) -> None:
@@ -398,36 +589,27 @@ class DoubleSparseLinear(_FactorModule):
         return module
 
     @classmethod
+    def _from_layer(cls, layer: nn.Module, factors: tuple, bias: Any, layout: str) -> DoubleSparseLinear:
+        return cls.from_factors(*factors, bias, layout=layout)
+
+    @classmethod
     def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseLinear:
         """Build from a fitted :class:`~sparsefact.DoubleSparseFactorization` (its ``A_``, ``B_``)."""
         return cls.from_factors(*_fitted_factors(est), bias, **kw)
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense weight ``A @ B`` of shape (out_features, in_features)."""
-        return self.factor("A") @ self.factor("B")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = _chain_linear(x.reshape(-1, self.in_features), [self.B, self.A])
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
-
-    def _dense_weight_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
 
     def _shape_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"inner_features={self.inner_features}")
 
 
-class SparseLinear(_FactorModule):
+class SparseLinear(_LinearFactors):
     """``y = x Wᵀ + bias`` with a single sparse ``weight`` (out x in): the single-sparse baselines.
 
     Same layouts, buffers and byte accounting as :class:`DoubleSparseLinear`.
     """
 
     _factor_names = ("weight",)
+    _config_keys = ("in_features", "out_features")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layout: str = "auto",
                  dtype: torch.dtype | None = None, device: Any = None) -> None:
@@ -452,27 +634,48 @@ class SparseLinear(_FactorModule):
         return module
 
     @classmethod
+    def _from_layer(cls, layer: nn.Module, factors: tuple, bias: Any, layout: str) -> SparseLinear:
+        return cls.from_weight(factors[0], bias, layout=layout)
+
+    @classmethod
     def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> SparseLinear:
         """Build from a fitted single-sparse compressor (its ``weight_``, e.g. MagnitudePruning)."""
         if not hasattr(est, "weight_"):
             raise ValueError(f"{type(est).__name__} is not a fitted single-sparse compressor (no weight_)")
         return cls.from_weight(_host(est.weight_), bias, **kw)
 
-    def to_dense(self) -> torch.Tensor:
-        return self.factor("weight")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = _chain_linear(x.reshape(-1, self.in_features), [self.weight])
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
-
-    def _dense_weight_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
-
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _LowRank:
+    """Mixin of the low-rank modules: two dense factors ``U = A`` (out x r) and ``V = B`` (r x in)."""
+
+    _forced_layout = "dense"
+
+    @property
+    def rank(self) -> int:
+        """The inner dimension ``r``."""
+        return int(self.A.shape[1])
+
+    @property
+    def U(self) -> torch.Tensor:  # noqa: N802 - the factor's name
+        """The left factor (out x r); the buffer is ``A``."""
+        return self.A
+
+    @property
+    def V(self) -> torch.Tensor:  # noqa: N802 - the factor's name
+        """The right factor (r x in, ``weight.flatten(1)`` order for a conv); the buffer is ``B``."""
+        return self.B
+
+
+class LowRankLinear(_LowRank, DoubleSparseLinear):
+    """``y = x (U V)ᵀ + bias`` with dense ``U`` (out x r) and ``V`` (r x in): the low-rank baseline.
+
+    A :class:`DoubleSparseLinear` whose factors are always dense (``layout`` may only be
+    ``"auto"`` or ``"dense"``); the buffers are named ``A`` (= ``U``) and ``B`` (= ``V``) and
+    ``inner_features`` is the rank. Saved files store the factors dense.
+    """
 
 
 # ---------------------------------------------------------------------------- conv
@@ -496,7 +699,93 @@ def _conv_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, in
     return _pair(padding, "padding")
 
 
-class DoubleSparseConv2d(_FactorModule):
+def _conv_geometry(layer: nn.Module) -> dict[str, Any]:
+    """``kernel_size, stride, padding, dilation`` of an ``nn.Conv2d`` (zero padding only)."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise TypeError(f"expected an nn.Conv2d with groups=1, got {type(layer).__name__}")
+    if layer.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={layer.padding_mode!r}: the conv modules support zero padding only")
+    return {"kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
+            "dilation": layer.dilation}
+
+
+class _Conv2dFactors(_FactorModule):
+    """Shared part of the conv modules: geometry, forward, dense kernel.
+
+    The factors ``F1 @ F2 @ ... @ Fk`` (``Fk`` is ``rows x C_in*kh*kw`` in ``weight.flatten(1)``
+    order) run right to left: ``Fk`` as the kh x kw convolution (stride, padding, dilation),
+    every other factor as a 1x1 convolution. A dense-layout factor runs as ``F.conv2d``; a CSR
+    factor on the unfolded (im2col) input, and the rest of the chain then stays in that column
+    form. groups=1 and zero padding only.
+    """
+
+    _original_checks = (("in_channels", "in_channels"), ("out_channels", "out_channels"),
+                        ("kernel_size", "kernel_size"))
+
+    def _init_geometry(self, cin, cout, kernel_size, stride, padding, dilation) -> None:
+        self.in_channels, self.out_channels = int(cin), int(cout)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        self.padding = _conv_padding(padding, self.kernel_size, self.dilation)
+
+    @staticmethod
+    def _kernel_columns(M: torch.Tensor, kernel_size: Any) -> tuple[int, int]:
+        kh, kw = _pair(kernel_size, "kernel_size")
+        if M.shape[1] % (kh * kw):
+            raise ValueError(f"the kernel factor has {M.shape[1]} columns, not a multiple of kernel size "
+                             f"{kh}x{kw} (B has C_in*kh*kw columns)")
+        return kh, kw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        n = x.shape[0]
+        kh, kw = self.kernel_size
+        ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        chain = [getattr(self, name) for name in reversed(self._factor_names)]  # application order
+        h: torch.Tensor | None = None  # NCHW while every factor so far ran as a convolution
+        cols: torch.Tensor | None = None  # else column form (channels, N*L)
+        for i, W in enumerate(chain):
+            bias = self.bias if i == len(chain) - 1 else None
+            if W.layout is not torch.sparse_csr and (i == 0 or h is not None):
+                if i == 0:
+                    kernel = W.reshape(W.shape[0], self.in_channels, kh, kw)
+                    h = F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation)
+                else:
+                    h = F.conv2d(h, W.reshape(W.shape[0], W.shape[1], 1, 1), bias)
+                continue
+            if i == 0:
+                # (N, C_in*kh*kw, L) -> (C_in*kh*kw, N*L)
+                unfolded = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+                cols = unfolded.transpose(0, 1).reshape(unfolded.shape[1], -1)
+            elif h is not None:
+                cols = h.transpose(0, 1).reshape(h.shape[1], -1)
+                h = None
+            cols = _matmul_cols(W, cols)
+            if bias is not None:
+                cols = cols + bias[:, None]
+        y = h if h is not None else cols.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
+        return y.squeeze(0) if unbatched else y
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense kernel (the product of the factors) of shape (out, C_in, kh, kw)."""
+        result = self.factor(self._factor_names[0])
+        for name in self._factor_names[1:]:
+            result = result @ self.factor(name)
+        return result.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _geometry_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}")
+
+
+class DoubleSparseConv2d(_Conv2dFactors):
     """Conv2d in DSF form: conv (kh x kw, C_in -> k, stride, padding, dilation) then 1x1 conv (k -> out).
 
     ``B`` (k x C_in*kh*kw) is the first conv's weight in torch's ``weight.flatten(1)`` order and
@@ -506,23 +795,19 @@ class DoubleSparseConv2d(_FactorModule):
     """
 
     _factor_names = ("A", "B")
+    _config_keys = ("in_channels", "out_channels", "inner_channels", "kernel_size", "stride", "padding",
+                    "dilation")
 
     def __init__(self, in_channels: int, out_channels: int, inner_channels: int, kernel_size: Any,
                  stride: Any = 1, padding: Any = 0, dilation: Any = 1, bias: bool = True, *,
                  layout: str = "auto", dtype: torch.dtype | None = None, device: Any = None) -> None:
         super().__init__(layout)
-        self._init_geometry(in_channels, out_channels, inner_channels, kernel_size, stride, padding, dilation)
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.inner_channels = int(inner_channels)
         ckk = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._set_factor("A", _empty_factor((self.out_channels, self.inner_channels), dtype, device))
         self._set_factor("B", _empty_factor((self.inner_channels, ckk), dtype, device))
         self._set_bias(bool(bias), self.out_channels, self.A.dtype, self.A.device)
-
-    def _init_geometry(self, cin, cout, k, kernel_size, stride, padding, dilation) -> None:
-        self.in_channels, self.out_channels, self.inner_channels = int(cin), int(cout), int(k)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        self.padding = _conv_padding(padding, self.kernel_size, self.dilation)
 
     @classmethod
     def from_factors(cls, A: Any, B: Any, bias: Any = None, *, kernel_size: Any, stride: Any = 1,
@@ -533,66 +818,91 @@ class DoubleSparseConv2d(_FactorModule):
         Bt = _as_torch(B, At.dtype, At.device)
         if At.ndim != 2 or Bt.ndim != 2 or At.shape[1] != Bt.shape[0]:
             raise ValueError(f"A {tuple(At.shape)} and B {tuple(Bt.shape)} are not (out, k) and (k, C*kh*kw)")
-        kh, kw = _pair(kernel_size, "kernel_size")
-        if Bt.shape[1] % (kh * kw):
-            raise ValueError(f"B has {Bt.shape[1]} columns, not a multiple of kernel size {kh}x{kw}")
+        kh, kw = cls._kernel_columns(Bt, kernel_size)
         module = cls.__new__(cls)
         _FactorModule.__init__(module, layout)
-        module._init_geometry(Bt.shape[1] // (kh * kw), At.shape[0], At.shape[1], (kh, kw),
-                              stride, padding, dilation)
+        module._init_geometry(Bt.shape[1] // (kh * kw), At.shape[0], (kh, kw), stride, padding, dilation)
+        module.inner_channels = int(At.shape[1])
         module._set_factor("A", At)
         module._set_factor("B", Bt)
         module._set_bias(bias, module.out_channels, At.dtype, At.device)
         return module
 
     @classmethod
+    def _from_layer(cls, layer: nn.Module, factors: tuple, bias: Any, layout: str) -> DoubleSparseConv2d:
+        return cls.from_factors(*factors, bias, layout=layout, **_conv_geometry(layer))
+
+    @classmethod
     def from_estimator(cls, est: Any, bias: Any = None, **kw: Any) -> DoubleSparseConv2d:
         """Build from a DSF fitted to ``conv.weight.flatten(1)``; conv geometry as keywords."""
         return cls.from_factors(*_fitted_factors(est), bias, **kw)
 
-    def to_dense(self) -> torch.Tensor:
-        """The dense kernel ``(A @ B).reshape(out, C_in, kh, kw)``."""
-        return (self.factor("A") @ self.factor("B")).reshape(
-            self.out_channels, self.in_channels, *self.kernel_size
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        n = x.shape[0]
-        kh, kw = self.kernel_size
-        ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        A, B = self.A, self.B
-        # stage 1: h in NCHW (dense conv) or in column form (k, N*L) (CSR on im2col).
-        if B.layout is torch.sparse_csr:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, Ckk, L)
-            h_cols = _matmul_cols(B, cols.transpose(0, 1).reshape(cols.shape[1], -1))
-            h = None
-        else:
-            h = F.conv2d(x, B.reshape(self.inner_channels, self.in_channels, kh, kw), None,
-                         self.stride, self.padding, self.dilation)
-        # stage 2: 1x1 conv by A.
-        if A.layout is not torch.sparse_csr and h is not None:
-            y = F.conv2d(h, A.reshape(self.out_channels, self.inner_channels, 1, 1), self.bias)
-        else:
-            if h is not None:
-                h_cols = h.transpose(0, 1).reshape(self.inner_channels, -1)
-            y_cols = _matmul_cols(A, h_cols)  # (out, N*L)
-            if self.bias is not None:
-                y_cols = y_cols + self.bias[:, None]
-            y = y_cols.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
-        return y.squeeze(0) if unbatched else y
-
-    def _dense_weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels, *self.kernel_size)
-
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, inner_channels={self.inner_channels}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}")
+                f"{self._geometry_repr()}")
 
+
+class SparseConv2d(_Conv2dFactors):
+    """Conv2d with a single sparse kernel ``weight`` (out x C_in*kh*kw, ``weight.flatten(1)`` order).
+
+    The single-sparse baselines (magnitude, Wanda, SparseGPT, ADMM) on a convolution. With the
+    dense layout the forward pass is ``F.conv2d`` with the pruned kernel (the numbers of the
+    dense ``nn.Conv2d`` with zeros in its kernel); with CSR it runs on the unfolded (im2col)
+    input. groups=1 and zero padding only.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding, dilation : int or pair (``padding`` also "valid" / "same")
+    bias : bool
+    layout : {"auto", "csr", "dense"}
+    dtype, device : torch dtype and device of the weight and bias.
+    """
+
+    _factor_names = ("weight",)
+    _config_keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, bias: bool = True, *, layout: str = "auto",
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__(layout)
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        ckk = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._set_factor("weight", _empty_factor((self.out_channels, ckk), dtype, device))
+        self._set_bias(bool(bias), self.out_channels, self.weight.dtype, self.weight.device)
+
+    @classmethod
+    def from_weight(cls, weight: Any, bias: Any = None, *, kernel_size: Any, stride: Any = 1,
+                    padding: Any = 0, dilation: Any = 1, layout: str = "auto",
+                    dtype: torch.dtype | None = None, device: Any = None) -> SparseConv2d:
+        """Build from a kernel, 2-D (out x C_in*kh*kw, ``weight.flatten(1)`` order) or 4-D."""
+        if not sp.issparse(weight) and getattr(weight, "ndim", 2) == 4:
+            weight = weight.reshape(weight.shape[0], -1)
+        Wt = _as_torch(weight, dtype, device)
+        if Wt.ndim != 2:
+            raise ValueError(f"weight must be 2-D or 4-D, got shape {tuple(Wt.shape)}")
+        kh, kw = cls._kernel_columns(Wt, kernel_size)
+        module = cls.__new__(cls)
+        _FactorModule.__init__(module, layout)
+        module._init_geometry(Wt.shape[1] // (kh * kw), Wt.shape[0], (kh, kw), stride, padding, dilation)
+        module._set_factor("weight", Wt)
+        module._set_bias(bias, module.out_channels, Wt.dtype, Wt.device)
+        return module
+
+    @classmethod
+    def _from_layer(cls, layer: nn.Module, factors: tuple, bias: Any, layout: str) -> SparseConv2d:
+        return cls.from_weight(factors[0], bias, layout=layout, **_conv_geometry(layer))
+
+    def _shape_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}"
+
+
+class LowRankConv2d(_LowRank, DoubleSparseConv2d):
+    """Conv2d in low-rank form: a kh x kw conv to ``r`` channels (``V``), then a 1x1 conv (``U``).
+
+    A :class:`DoubleSparseConv2d` whose factors are always dense; buffers ``A`` (= ``U``,
+    out x r) and ``B`` (= ``V``, r x C_in*kh*kw); ``inner_channels`` is the rank.
+    """
 
 # ---------------------------------------------------------------------------- utilities
 def _host(M: Any) -> Any:
@@ -600,6 +910,14 @@ def _host(M: Any) -> Any:
     if hasattr(M, "get") and type(M).__module__.startswith("cupy"):  # pragma: no cover - needs a GPU
         return M.get()
     return M
+
+
+def module_class(name: str) -> type[_FactorModule]:
+    """The registered module class called ``name`` (:data:`MODULE_CLASSES`); ``ValueError`` if none."""
+    cls = MODULE_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown module class {name!r} (known: {sorted(MODULE_CLASSES)})")
+    return cls
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
