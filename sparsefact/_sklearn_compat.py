@@ -12,4 +12,12 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["Interval", "StrOptions", "_fit_context", "check_is_fitted", "validate_data"]
+__all__ = ["Interval", "StrOptions", "_fit_context", "check_is_fitted", "validate_data", "validate_params"]
+
+
+def validate_params(estimator) -> None:
+    """Check an estimator's constructor parameters now (scikit-learn does it in ``fit``).
+
+    Raises scikit-learn's ``InvalidParameterError`` (a ``ValueError``) naming the parameter.
+    """
+    estimator._validate_params()

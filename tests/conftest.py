@@ -75,3 +75,23 @@ def xp(request):
 def to_namespace(xp, array: np.ndarray):
     """``array`` as an array of namespace ``xp`` (on its default device)."""
     return xp.asarray(array)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real ``dask.distributed`` cluster: 2 worker processes, 1 thread each, on 127.0.0.1 only.
+
+    Started once for the session (workers import sparsefact and load the Numba cache) and
+    closed at the end.
+    """
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None, silence_logs=50,
+    )
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

@@ -104,9 +104,12 @@ def test_mlp_layer_mode_dsf_beats_magnitude():
         assert model.training  # mode restored
         assert _hooks(model) == 0
         assert isinstance(report, CompressionReport)
-        assert [r["name"] for r in report] == ["0", "2", "4"]
+        # the output layer of a layer-wise model stays dense by default, and the report says so
+        assert [r["name"] for r in report] == ["0", "2"]
+        assert [s["name"] for s in report.skipped] == ["4"] and "output layer" in report.skipped[0]["reason"]
+        assert type(model[4]) is nn.Linear
         kind = DoubleSparseLinear if method == "dsf" else SparseLinear
-        assert all(isinstance(model[i], kind) for i in (0, 2, 4))
+        assert all(isinstance(model[i], kind) for i in (0, 2))
         for row in report:
             assert row["density"] <= 0.5 + 1e-9
             assert 0 < row["calibrated_err"] < 1
@@ -137,8 +140,11 @@ def test_cnn_layer_mode_replaces_conv_and_linear():
     model, report = compress_model(model, [x[:8], x[8:]], "dsf", 0.5, progress=False, **FAST_DSF)
     assert isinstance(model[0], DoubleSparseConv2d)
     assert isinstance(model[2], DoubleSparseConv2d)
-    assert isinstance(model[5], DoubleSparseLinear)
-    assert [r["shape"] for r in report] == [[8, 27], [12, 72], [10, 108]]
+    assert type(model[5]) is nn.Linear  # the output layer stays dense by default
+    assert [r["shape"] for r in report] == [[8, 27], [12, 72]]
+    _, everything = compress_model(_cnn(), [x[:8], x[8:]], "dsf", 0.5, progress=False,
+                                   layers=(nn.Conv2d, nn.Linear), **FAST_DSF)
+    assert [r["shape"] for r in everything] == [[8, 27], [12, 72], [10, 108]] and not everything.skipped
     assert report[0]["n_tokens"] == 16 * 8 * 8  # one im2col row per output position
     assert all(0 < r["calibrated_err"] < 1 for r in report)
     assert _rel(model(x).detach(), ref) < 0.8
@@ -189,7 +195,7 @@ def test_baselines_when_present():
         if name not in methods:
             continue
         model, report = compress_model(_mlp(), X, name, 0.5, progress=False)
-        assert all(isinstance(model[i], SparseLinear) for i in (0, 2, 4))
+        assert all(isinstance(model[i], SparseLinear) for i in (0, 2))
         assert all(abs(r["density"] - 0.5) < 1e-9 and 0 < r["calibrated_err"] < 1 for r in report)
 
 
@@ -251,7 +257,9 @@ def test_report_writers(tmp_path):
     _, report = compress_model(_mlp(), X, "magnitude", 0.5, progress=False)
     report.to_json(tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["summary"]["layers"] == 3 and len(data["layers"]) == 3
+    assert data["summary"]["layers"] == 2 and len(data["layers"]) == 2
+    assert data["skipped"][0]["name"] == "4" and data["summary"]["failed"] == 0
     text = report.to_markdown(tmp_path / "r.md")
     assert "| 0 | Linear | 24×12 | magnitude | 0.5000 |" in text
+    assert "- 4: not compressed (the output layer" in text
     assert (tmp_path / "r.md").read_text() == text

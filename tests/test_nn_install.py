@@ -51,6 +51,15 @@ FAST = {"dsf": {"max_iter": 3, "finalize_iter": 2}, "dsf-exact": {"max_iter": 3,
         "admm": {"n_iter": 5}}
 
 
+#: every supported layer, the output layer included (the default leaves a layer-wise model's last layer dense)
+ALL_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def compress_all(*args, **kwargs):
+    """``compress_model`` on every supported layer (these tests check every layer's module)."""
+    return compress_model(*args, layers=kwargs.pop("layers", ALL_LAYERS), **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     previous = torch.get_num_threads()
@@ -138,8 +147,8 @@ def test_every_method_installs_its_family_in_an_mlp_and_a_cnn(method, monkeypatc
 
         monkeypatch.setattr(compress_mod, "fit_layer", recording)
         # sequential=False: both models are calibrated on the same dense activations
-        model, report = compress_model(make(), x, method, 0.5, sequential=False, progress=False, **params)
-        in_place, _ = compress_model(make(), x, method, 0.5, sequential=False, replace=False,
+        model, report = compress_all(make(), x, method, 0.5, sequential=False, progress=False, **params)
+        in_place, _ = compress_all(make(), x, method, 0.5, sequential=False, replace=False,
                                      progress=False, **params)
         monkeypatch.undo()
         names = [r["name"] for r in report]
@@ -156,8 +165,8 @@ def test_every_method_installs_its_family_in_an_mlp_and_a_cnn(method, monkeypatc
 def test_pruned_conv_becomes_a_sparse_conv_with_the_same_outputs():
     """Behaviour change: a single-sparse result on a Conv2d was written into the dense kernel."""
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    model, report = compress_model(_cnn(), x, "magnitude", 0.5, progress=False)
-    in_place, _ = compress_model(_cnn(), x, "magnitude", 0.5, replace=False, progress=False)
+    model, report = compress_all(_cnn(), x, "magnitude", 0.5, progress=False)
+    in_place, _ = compress_all(_cnn(), x, "magnitude", 0.5, replace=False, progress=False)
     assert isinstance(model[0], SparseConv2d) and isinstance(model[2], SparseConv2d)
     assert isinstance(model[5], SparseLinear)
     assert torch.equal(model[0].to_dense(), in_place[0].weight.detach())
@@ -169,11 +178,11 @@ def test_pruned_conv_becomes_a_sparse_conv_with_the_same_outputs():
 def test_lowrank_result_becomes_a_lowrank_module():
     """Behaviour change: a low-rank result was a dense SparseLinear of U @ V."""
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(4))
-    model, _ = compress_model(_mlp(), x, "lowrank", 0.5, progress=False)
+    model, _ = compress_all(_mlp(), x, "lowrank", 0.5, progress=False)
     assert all(isinstance(model[i], LowRankLinear) for i in (0, 2, 4))
     assert model[0].rank == int(0.5 * 24 * 12 / (24 + 12))
     x_cnn = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    cnn, _ = compress_model(_cnn(), x_cnn, "lowrank", 0.5, progress=False)
+    cnn, _ = compress_all(_cnn(), x_cnn, "lowrank", 0.5, progress=False)
     assert isinstance(cnn[0], LowRankConv2d) and cnn[0].layouts == {"A": "dense", "B": "dense"}
 
 
@@ -181,7 +190,7 @@ def test_non_zero_padding_mode_stays_dense_in_place():
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     model = _cnn("reflect")
     conv = model[0]
-    model, report = compress_model(model, x, "magnitude", 0.5, progress=False)
+    model, report = compress_all(model, x, "magnitude", 0.5, progress=False)
     assert model[0] is conv and isinstance(conv, nn.Conv2d)
     assert float((conv.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     assert report[0]["replaced_by"] == "Conv2d (in place)"
@@ -199,8 +208,8 @@ def test_wanda_without_measure_error_captures_only_the_diagonal(monkeypatch):
         return original(W, calibration, spec)
 
     monkeypatch.setattr(compress_mod, "fit_layer", recording)
-    full, full_report = compress_model(_mlp(), x, "wanda", 0.5, progress=False)
-    diag, diag_report = compress_model(_mlp(), x, "wanda", 0.5, progress=False, measure_error=False)
+    full, full_report = compress_all(_mlp(), x, "wanda", 0.5, progress=False)
+    diag, diag_report = compress_all(_mlp(), x, "wanda", 0.5, progress=False, measure_error=False)
     assert statistics == ["gram"] * 3 + ["diag"] * 3
     for i in (0, 2, 4):
         assert torch.equal(full[i].to_dense(), diag[i].to_dense())  # same masks, same weights
@@ -222,11 +231,11 @@ def test_diag_capture_holds_no_gram(monkeypatch):
 
     monkeypatch.setattr(compress_mod, "ActivationCapture", Spy)
     x = torch.randn(50, 12, generator=torch.Generator().manual_seed(8))
-    compress_model(_mlp(), x, "wanda", 0.5, progress=False, measure_error=False)
+    compress_all(_mlp(), x, "wanda", 0.5, progress=False, measure_error=False)
     assert captures and all(c.statistic == "diag" for c in captures)
     assert all(acc.gram.ndim == 1 for c in captures for acc in c._acc.values())
     captures.clear()
-    compress_model(_mlp(), x, "sparsegpt", 0.5, progress=False, measure_error=False)
+    compress_all(_mlp(), x, "sparsegpt", 0.5, progress=False, measure_error=False)
     assert all(c.statistic == "gram" for c in captures)
 
 
@@ -234,15 +243,15 @@ def test_method_without_needs_runs_without_any_calibration_pass():
     from test_nn_compress import TinyTransformer, _token_batches
 
     x = torch.randn(100, 12, generator=torch.Generator().manual_seed(9))
-    measured, measured_report = compress_model(_mlp(), x, "magnitude", 0.5, progress=False)
-    free, report = compress_model(_mlp(), None, "magnitude", 0.5, progress=False, measure_error=False)
+    measured, measured_report = compress_all(_mlp(), x, "magnitude", 0.5, progress=False)
+    free, report = compress_all(_mlp(), None, "magnitude", 0.5, progress=False, measure_error=False)
     for i in (0, 2, 4):
         assert torch.equal(measured[i].to_dense(), free[i].to_dense())
     assert all(r["err_metric"] == "none" and r["n_tokens"] == 0 for r in report)
     assert all(r["calibrated_err"] > 0 for r in report)
     assert all("err_metric" not in r and r["n_tokens"] == 100 for r in measured_report)
     # block mode as well: no block inputs are caught
-    model, report = compress_model(TinyTransformer(), None, "magnitude", 0.5, progress=False,
+    model, report = compress_all(TinyTransformer(), None, "magnitude", 0.5, progress=False,
                                    measure_error=False)
     assert [r["name"] for r in report][:2] == ["layers.0.q", "layers.0.o"]
     assert isinstance(model.layers[1].fc2, SparseLinear)
@@ -258,7 +267,7 @@ def test_scorer_methods_are_refused():
         sparsefact.register_method(name, KeepDiagonal, kind="scorer", needs="grad")
     try:
         with pytest.raises(ValueError, match="scorer"):
-            compress_model(_mlp(), torch.randn(4, 12), name, 0.5, progress=False)
+            compress_all(_mlp(), torch.randn(4, 12), name, 0.5, progress=False)
     finally:
         sparsefact.unregister_method(name)
 
@@ -272,7 +281,7 @@ def test_method_lists_come_from_the_registry():
 # ---------------------------------------------------------------------------- a user's method
 def test_user_method_registered_alone_works_in_compress_save_and_load(keep_diagonal, tmp_path):
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(10))
-    model, report = compress_model(_cnn(), x, NAME, 0.5, progress=False)
+    model, report = compress_all(_cnn(), x, NAME, 0.5, progress=False)
     assert isinstance(model[0], SparseConv2d) and isinstance(model[5], SparseLinear)  # one factor: sparse
     assert [r["method"] for r in report] == [NAME] * 3
     W = model[5].to_dense()
@@ -283,7 +292,7 @@ def test_user_method_registered_alone_works_in_compress_save_and_load(keep_diago
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     # measure_error=False: KeepDiagonal needs no calibration, so no pass over the data
-    _, free = compress_model(_cnn(), None, NAME, 0.5, progress=False, measure_error=False)
+    _, free = compress_all(_cnn(), None, NAME, 0.5, progress=False, measure_error=False)
     assert [r["nnz"] for r in free] == [r["nnz"] for r in report]
 
 
@@ -297,7 +306,7 @@ def test_user_module_family_and_builder(tmp_path):
     try:
         sparsefact.register_method(name, KeepDiagonal, module="toy_family")
         x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(11))
-        model, report = compress_model(_cnn(), x, name, 0.5, progress=False)
+        model, report = compress_all(_cnn(), x, name, 0.5, progress=False)
         assert type(model[5]) is ToyFamilyLinear
         assert isinstance(model[0], nn.Conv2d)  # no conv2d class in the family: written in place
         assert report[0]["replaced_by"] == "Conv2d (in place)"
@@ -323,7 +332,7 @@ def test_user_module_family_and_builder(tmp_path):
 
     sparsefact.register_method(name, KeepDiagonal, module=builder)
     try:
-        model, report = compress_model(_mlp(), torch.randn(20, 12), name, 0.5, progress=False)
+        model, report = compress_all(_mlp(), torch.randn(20, 12), name, 0.5, progress=False)
     finally:
         sparsefact.unregister_method(name)
     assert built == ["Linear"] * 3 and all(type(model[i]) is ToyFamilyLinear for i in (0, 2, 4))

@@ -33,20 +33,9 @@ def _factors(results):
     return {name: [np.asarray(f) for f in r.result.estimator.get_factors()] for name, r in results.items()}
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=50,
-    )
-    client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
+@pytest.fixture
+def client(dask_client):
+    return dask_client
 
 
 def test_serial_results_in_job_order_with_reports():

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._sklearn_compat import validate_params
 from ..calibration import Calibration
-from ..layer_fit import LayerSpec, fit_layer
+from ..checkpoint import LayerCheckpoint, digest_arrays
+from ..layer_fit import LayerResult, LayerSpec, fit_layer
 from ..methods import MethodSpec, available_methods, make_estimator, method_name, spec_for
 from .capture import (
     _CURRENT_MASK,
@@ -60,6 +64,7 @@ from .capture import (
     token_mask,
 )
 from .install import _place, _row, install_result
+from .modules import replace_module
 
 __all__ = [
     "CompressionReport",
@@ -236,23 +241,40 @@ class CompressionReport(list):
     relative Frobenius error of an uncalibrated fit).
     """
 
+    #: layers left out on purpose, ``[{"name", "reason"}]`` (e.g. the output layer)
+    skipped: list
+
+    def __init__(self, rows: Any = ()) -> None:
+        super().__init__(rows)
+        self.skipped = []
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """The rows of layers whose fit raised (kept dense; each has an ``"error"``)."""
+        return [r for r in self if "error" in r]
+
     def summary(self) -> dict[str, Any]:
-        """Totals: layers, entries, kept nonzeros, overall density, seconds, mean error."""
+        """Totals: layers, entries, kept nonzeros, overall density, seconds, mean error, failures.
+
+        The mean calibrated error is over the compressed layers (failed ones are dense).
+        """
         entries = sum(r["shape"][0] * r["shape"][1] for r in self)
         nnz = sum(r["nnz"] for r in self)
+        compressed = [r for r in self if "error" not in r]
         return {
             "layers": len(self),
             "entries": entries,
             "nnz": nnz,
             "density": nnz / entries if entries else float("nan"),
             "mean_calibrated_err": (
-                float(np.mean([r["calibrated_err"] for r in self])) if self else float("nan")
+                float(np.mean([r["calibrated_err"] for r in compressed])) if compressed else float("nan")
             ),
             "seconds": float(sum(r["seconds"] for r in self)),
+            "failed": len(self) - len(compressed),
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "layers": list(self)}
+        return {"summary": self.summary(), "layers": list(self), "skipped": list(self.skipped)}
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
@@ -277,6 +299,10 @@ class CompressionReport(list):
             f"(density {s['density']:.4f}), mean calibrated error {s['mean_calibrated_err']:.4f}, "
             f"{s['seconds']:.1f} s.\n"
         )
+        for r in self.failed:
+            lines.append(f"- **{r['name']}: the fit failed, the layer is kept dense** ({r['error']})")
+        for r in self.skipped:
+            lines.append(f"- {r['name']}: not compressed ({r['reason']})")
         text = "\n".join(lines)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +323,12 @@ def _density_for(density: Any, name: str) -> float:
 
 @dataclass
 class _Run:
-    """What every layer of one :func:`compress_model` call shares."""
+    """What every layer of one :func:`compress_model` call shares, and what it has changed.
+
+    ``originals`` records every layer touched (container, attribute name, the original
+    module and a copy of its weight), so that :meth:`restore` can put the caller's model back
+    exactly as it was when the run fails or is interrupted.
+    """
 
     method: Any
     spec: MethodSpec
@@ -307,20 +338,127 @@ class _Run:
     replace: bool
     statistic: str  # "gram", "diag" or "none": what is captured
     bar: Any
+    on_error: str = "skip"
+    checkpoint: LayerCheckpoint | None = None
+    client: Any = None
     report: CompressionReport = field(default_factory=CompressionReport)
+    originals: list[tuple[nn.Module, str, nn.Module, torch.Tensor]] = field(default_factory=list)
 
     def layer(self, model: nn.Module, name: str, module: nn.Module, calibration: Calibration | None,
               full_name: str | None = None) -> None:
         """Fit the layer at ``name`` in ``model`` (pure), install the result, record the row."""
-        full = full_name or name
-        spec = LayerSpec(self.method, _density_for(self.density, full), self.params, self.threads, full)
-        result = fit_layer(_weight_matrix(module), calibration, spec)
-        if calibration is None:
-            result.row.setdefault("err_metric", "none")
-        row = install_result(model, name, module, result, self.spec, self.replace)
+        self.layers([(model, name, module, calibration, full_name or name)])
+
+    def layers(self, items: Sequence[tuple[nn.Module, str, nn.Module, Calibration | None, str]]) -> None:
+        """Fit layers that share their inputs (one capture pass), then install them in order.
+
+        Finished layers found in the checkpoint are installed without a fit; the others are
+        fitted -- on the Dask cluster when there is one (in parallel), else one after another
+        -- and saved to the checkpoint as soon as each finishes.
+        """
+        results: dict[str, Any] = {}
+        todo = []
+        for item in items:
+            full = item[4]
+            done = self.checkpoint.load(full) if self.checkpoint is not None else None
+            if done is not None:
+                results[full] = LayerResult(done, {**done.row, "from_checkpoint": True})
+            else:
+                todo.append(item)
+        specs = {
+            item[4]: LayerSpec(self.method, _density_for(self.density, item[4]), self.params, self.threads,
+                               item[4])
+            for item in todo
+        }
+        if self.client is not None and todo:
+            results.update(self._fit_on_cluster(todo, specs))
+        else:
+            for item in todo:
+                results[item[4]] = self._fit_one(item, specs[item[4]])
+        for container, name, module, calibration, full in items:
+            self._install(container, name, module, calibration, full, results[full])
+
+    def _fit_one(self, item, spec: LayerSpec) -> Any:
+        _, _, module, calibration, full = item
+        try:
+            result = fit_layer(_weight_matrix(module), calibration, spec)
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise
+            return _failed(exc)
+        self._save(full, result)
+        return result
+
+    def _fit_on_cluster(self, todo, specs) -> dict[str, Any]:
+        from ..parallel import factorize_many
+
+        out: dict[str, Any] = {}
+
+        def finished(job) -> None:
+            if job.ok:
+                self._save(job.name, job.result)
+
+        by_density: dict[float, list] = {}
+        for item in todo:
+            by_density.setdefault(specs[item[4]].density, []).append(item)
+        for density, group in by_density.items():
+            jobs = [(item[4], _weight_matrix(item[2]), item[3]) for item in group]
+            done = factorize_many(jobs, self.method, density=density, client=self.client,
+                                  threads=self.threads, progress=finished, **self.params)
+            for name, job in done.items():
+                if job.ok:
+                    out[name] = job.result
+                elif self.on_error == "raise":
+                    raise RuntimeError(f"layer {name!r} failed on the cluster: {job.error}")
+                else:
+                    out[name] = _failed(job.error)
+        return out
+
+    def _save(self, full: str, result: Any) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save(full, result.estimator.get_factors(), result.row)
+
+    def _install(self, container, name, module, calibration, full, result) -> None:
+        self.originals.append((container, name, module, module.weight.detach().clone()))
+        if isinstance(result, _FailedLayer):
+            W = layer_matrix(module)
+            row = {
+                "name": full, "type": type(module).__name__, "shape": [int(W.shape[0]), int(W.shape[1])],
+                "method": method_name(self.method), "target_density": _density_for(self.density, full),
+                "density": 1.0, "nnz": int(W.shape[0] * W.shape[1]), "calibrated_err": 0.0,
+                "n_tokens": int(getattr(calibration, "n_samples", 0) or 0), "seconds": 0.0,
+                "replaced_by": f"{type(module).__name__} (kept dense: the fit failed)",
+                "error": result.error,
+            }
+        else:
+            if calibration is None:
+                result.row.setdefault("err_metric", "none")
+            row = install_result(container, name, module, result, self.spec, self.replace)
+            row["name"] = full
         self.report.append(row)
         self.bar.set_postfix_str(f"{full} err={row['calibrated_err']:.3f}")
         self.bar.update(1)
+
+    def restore(self) -> None:
+        """Put every touched layer back: the original module and its original weight values."""
+        with torch.no_grad():
+            for container, name, module, weight in reversed(self.originals):
+                module.weight.copy_(weight)
+                current = container.get_submodule(name)
+                if current is not module:
+                    replace_module(container, name, module)
+        self.originals.clear()
+
+
+@dataclass
+class _FailedLayer:
+    """A layer whose fit raised (kept dense; reported with its error)."""
+
+    error: str
+
+
+def _failed(exc: Any) -> _FailedLayer:
+    return _FailedLayer(exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}")
 
 
 def compress_model(
@@ -337,6 +475,9 @@ def compress_model(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     threads: int | None = None,
     measure_error: bool = True,
+    on_error: str = "skip",
+    checkpoint_dir: str | Path | None = None,
+    client: Any = None,
     **params: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a model's linear layers from calibration data; return ``(model, report)``.
@@ -398,6 +539,27 @@ def compress_model(
         no calibration pass at all: layers are fitted without calibration and
         ``calibrated_err`` is the plain relative error ``||W - W_hat|| / ||W||``
         (``err_metric="none"``, ``n_tokens=0``). The compressed weights are the same either way.
+    on_error : {"skip", "raise"}, default="skip"
+        What a layer whose *fit* raises does: ``"skip"`` keeps that layer dense, reports it
+        (its row has an ``"error"``; :attr:`CompressionReport.failed`), warns, and compresses
+        the others; ``"raise"`` stops. Any other failure -- bad arguments, a capture that
+        raises, ``KeyboardInterrupt`` -- leaves the model exactly as it was (every touched
+        layer is put back) and re-raises: the caller's model is either compressed or unchanged.
+        Arguments (method, parameters, every layer's density) are validated before the first
+        layer is touched.
+    checkpoint_dir : path, optional
+        Resumable run: every finished layer is written there atomically (temporary file,
+        fsync, rename) under a manifest of the run (model weights' digest, method, parameters,
+        densities, layers, calibration data digest). Run again with the same arguments after a
+        crash or a kill (SIGKILL included) and the finished layers are installed from disk
+        instead of fitted; the result is the same model, bit for bit, as an uninterrupted
+        run. A directory written by a run with other arguments is refused
+        (:class:`~sparsefact.checkpoint.CheckpointMismatchError`), never mixed in.
+    client : dask.distributed.Client, optional
+        Fit the layers that share their inputs -- the layers of one block (block mode), or
+        all layers (``sequential=False`` or no calibration) -- in parallel on the cluster
+        (:func:`sparsefact.factorize_many`); blocks stay in order, each calibrated on the
+        previous compressed block's outputs. The progress bar follows the finished fits.
     **params
         Passed to the estimator's constructor (e.g. ``max_iter=8`` for DSF).
 
@@ -410,7 +572,8 @@ def compress_model(
     Raises
     ------
     ValueError
-        An unknown method name, a scorer method, or bad estimator parameters.
+        An unknown method name, a scorer method, bad estimator parameters or densities,
+        ``on_error`` not in ``{"skip", "raise"}``, or a checkpoint of another run.
     """
     from tqdm.auto import tqdm
 
@@ -422,6 +585,8 @@ def compress_model(
             "per-layer compressor; compress_model takes the layer methods: "
             + ", ".join(n for n, s in available_methods().items() if s.kind != "scorer")
         )
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     make_estimator(method, 0.5, params)  # fail early on bad parameters
     statistic = "gram" if measure_error else spec.needs
     if statistic not in ("gram", "diag", "none"):
@@ -442,9 +607,25 @@ def compress_model(
                 names, mods = resolved
                 per_block = [select_layers(b, layers, prefix=n) for n, b in zip(names, mods, strict=True)]
                 targets = [t for ts in per_block for t in ts]
+            skipped = []
+            if per_block is None and layers is None and len(targets) > 1:
+                # A layer-wise model's last layer is its output head (classes, logits): keep it dense.
+                skipped.append({"name": targets[-1], "reason": "the output layer of a layer-wise model is "
+                                "left dense by default; pass layers=... to choose the layers yourself"})
+                targets = targets[:-1]
             _check_targets(targets, density)
+            _check_layer_params(method, params, density, targets)
+            if statistic != "none" and calibration_data is not None and not _reiterable(calibration_data):
+                calibration_data = list(iter_batches(calibration_data))  # read more than once below
+            checkpoint = None
+            if checkpoint_dir is not None:
+                checkpoint = LayerCheckpoint(checkpoint_dir, _manifest(
+                    model, targets, spec, params, density, sequential, measure_error, replace,
+                    None if statistic == "none" else calibration_data))
             bar = tqdm(total=len(targets), desc=f"compress ({method_name(method)})", disable=not progress)
-            run = _Run(method, spec, density, dict(params), threads, replace, statistic, bar)
+            run = _Run(method, spec, density, dict(params), threads, replace, statistic, bar,
+                       on_error, checkpoint, client)
+            run.report.skipped = skipped
             try:
                 if statistic == "none":
                     _compress_uncalibrated(model, targets, run)
@@ -453,13 +634,86 @@ def compress_model(
                 else:
                     _compress_blockwise(model, calibration_data, names, mods, per_block, sequential, forward,
                                         run)
+            except BaseException as exc:
+                run.restore()
+                if checkpoint is not None:
+                    exc.add_note(
+                        f"sparsefact: the model was left unchanged; {len(checkpoint.done())} finished layers "
+                        f"are saved in {os.fspath(checkpoint_dir)!r}: run again with the same arguments "
+                        "to resume"
+                    )
+                raise
             finally:
                 bar.close()
     finally:
         model.train(was_training)
         if use_cache:
             config.use_cache = use_cache
+    if run.report.failed:
+        warnings.warn(
+            f"compress_model: {len(run.report.failed)} layer(s) could not be compressed and were kept "
+            "dense: " + "; ".join(f"{r['name']}: {r['error']}" for r in run.report.failed[:3]),
+            RuntimeWarning, stacklevel=2,
+        )
     return model, run.report
+
+
+def _reiterable(data: Any) -> bool:
+    """Whether iterating ``data`` twice gives the same batches (not a one-shot iterator)."""
+    if isinstance(data, torch.Tensor | dict) or hasattr(data, "keys"):
+        return True
+    try:
+        return iter(data) is not data
+    except TypeError:
+        return True
+
+
+def _check_layer_params(method: Any, params: Mapping[str, Any], density: Any, targets: list[str]) -> None:
+    """Every layer's estimator parameters (its density included) are valid, before any layer is touched."""
+    seen: set[float] = set()
+    for name in targets:
+        value = _density_for(density, name)
+        if value in seen:
+            continue
+        seen.add(value)
+        try:
+            validate_params(make_estimator(method, value, params))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from exc
+
+
+def _tensors_of(value: Any) -> list[np.ndarray]:
+    """The tensors inside a calibration batch (tensor, mapping, sequence), as NumPy arrays."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach().cpu().contiguous().numpy()]
+    if isinstance(value, Mapping) or hasattr(value, "keys"):
+        return [a for k in sorted(value.keys()) for a in _tensors_of(value[k])]
+    if isinstance(value, list | tuple):
+        return [a for v in value for a in _tensors_of(v)]
+    return []
+
+
+def _manifest(model, targets, spec, params, density, sequential, measure_error, replace, data) -> dict:
+    """What identifies a run for its checkpoint (see ``checkpoint_dir``)."""
+    modules = dict(model.named_modules())
+    weights = [layer_matrix(modules[name]).cpu().numpy() for name in targets]
+    calibration = None
+    if data is not None:
+        calibration = digest_arrays(a for batch in iter_batches(data) for a in _tensors_of(batch))
+    return {
+        "model": {
+            "class": type(model).__name__, "layers": list(targets), "weights_sha256": digest_arrays(weights),
+        },
+        "method": spec.name,
+        "params": {k: repr(v) for k, v in sorted(params.items())},
+        "density": (
+            {k: float(v) for k, v in density.items()} if isinstance(density, Mapping) else float(density)
+        ),
+        "sequential": bool(sequential),
+        "measure_error": bool(measure_error),
+        "replace": bool(replace),
+        "calibration_sha256": calibration,
+    }
 
 
 def _check_targets(targets: list[str], density: Any) -> None:
@@ -471,8 +725,7 @@ def _check_targets(targets: list[str], density: Any) -> None:
 
 def _compress_uncalibrated(model: nn.Module, targets: list[str], run: _Run) -> None:
     """Every target fitted without calibration: no pass over the data."""
-    for name in targets:
-        run.layer(model, name, model.get_submodule(name), None)
+    run.layers([(model, name, model.get_submodule(name), None, name) for name in targets])
 
 
 def _compress_layerwise(model, data, targets, sequential, forward, run: _Run) -> None:
@@ -480,8 +733,7 @@ def _compress_layerwise(model, data, targets, sequential, forward, run: _Run) ->
         with ActivationCapture(model, names=targets, statistic=run.statistic) as cap:
             cap.run(data, forward=forward)
         modules = dict(model.named_modules())
-        for name in targets:
-            run.layer(model, name, modules[name], cap.calibration(name))
+        run.layers([(model, name, modules[name], cap.calibration(name), name) for name in targets])
         return
     for name in targets:
         with ActivationCapture(model, names=[name], statistic=run.statistic) as cap:
@@ -503,8 +755,8 @@ def _compress_blockwise(model, data, names, blocks, per_block, sequential, forwa
                     if not sequential:
                         dense_outputs.append(_block_hidden(out))
             modules = dict(block.named_modules())
-            for full, short in zip(targets, local, strict=True):
-                run.layer(block, short, modules[short], cap.calibration(short), full_name=full)
+            run.layers([(block, short, modules[short], cap.calibration(short), full)
+                        for full, short in zip(targets, local, strict=True)])
         if block is blocks[last]:
             break
         if not dense_outputs:  # sequential (or nothing compressed): outputs of the block as it is now
