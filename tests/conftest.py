@@ -72,6 +72,18 @@ def xp(request):
     return pytest.importorskip(name, reason=f"{name} is not installed")
 
 
+@pytest.fixture
+def xps():
+    """The ``array_api_strict`` namespace (skipped, with the reason, if it is not installed)."""
+    return pytest.importorskip("array_api_strict", reason="array_api_strict is not installed ([dev] extra)")
+
+
+@pytest.fixture
+def torch_module():
+    """The ``torch`` module (skipped, with the reason, if it is not installed)."""
+    return pytest.importorskip("torch", reason="torch is not installed (pip install sparsefact[torch])")
+
+
 def to_namespace(xp, array: np.ndarray):
     """``array`` as an array of namespace ``xp`` (on its default device)."""
     return xp.asarray(array)

@@ -163,9 +163,8 @@ def test_other_kernels_match_portable_engine(dtype):
 
 
 # ---------------------------------------------------------------- engine selection
-def test_backend_resolution_order(monkeypatch):
+def test_backend_resolution_order(monkeypatch, xps):
     monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
-    xps = pytest.importorskip("array_api_strict")
     assert resolve_backend_name("auto", np_compat) == "numpy_numba"
     assert resolve_backend_name(None, xps) == "array_api"
     monkeypatch.setenv("SPARSEFACT_BACKEND", "array_api")
@@ -180,9 +179,8 @@ def test_backend_resolution_order(monkeypatch):
         resolve_backend_name("auto", np_compat)
 
 
-def test_backend_mismatches_are_explained(monkeypatch):
+def test_backend_mismatches_are_explained(monkeypatch, xps):
     monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
-    xps = pytest.importorskip("array_api_strict")
     with pytest.raises(ValueError, match="backend='numpy_numba' needs NumPy input arrays"):
         get_engine("numpy_numba", xps)
     with pytest.raises(ValueError, match="backend='cupy' needs CuPy input arrays"):
@@ -247,8 +245,7 @@ def test_float32_stays_float32(backend):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-def test_array_api_strict_fit_stays_in_its_namespace(dtype_name):
-    xps = pytest.importorskip("array_api_strict")
+def test_array_api_strict_fit_stays_in_its_namespace(dtype_name, xps):
     dtype = getattr(xps, dtype_name)
     W_np = gaussian(20, 28, getattr(np, dtype_name))
     X_np = scaled_activations(40, 28, spread=1.0).astype(getattr(np, dtype_name))
@@ -303,8 +300,8 @@ def test_spd_inverse_pair_equals_two_inverses(dtype):
         NumpyNumbaEngine().spd_inverse(-np.eye(4, dtype=dtype), 0.5)
 
 
-def test_torch_cpu_tensors_stay_torch():
-    torch = pytest.importorskip("torch")
+def test_torch_cpu_tensors_stay_torch(torch_module):
+    torch = torch_module
     from sparsefact import DoubleSparseFactorization
 
     generator = torch.Generator().manual_seed(0)
