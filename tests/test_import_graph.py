@@ -77,7 +77,7 @@ def _imports(module: str) -> list[tuple[str, int]]:
     if not path.exists():
         path = PACKAGE / module.replace(".", "/") / "__init__.py"
     tree = ast.parse(path.read_text())
-    package_parts = module.split(".")[:-1] if not path.name == "__init__.py" else module.split(".")
+    package_parts = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
     if module == "__init__":
         package_parts = []
     found = []
