@@ -45,7 +45,8 @@ def _expected_failed_checks(estimator) -> dict[str, str]:
 
 
 # xfail_strict arrived after scikit-learn 1.6, the oldest release we support (CI runs both).
-_STRICT = {"xfail_strict": True} if "xfail_strict" in inspect.signature(parametrize_with_checks).parameters else {}
+_HAS_STRICT = "xfail_strict" in inspect.signature(parametrize_with_checks).parameters
+_STRICT = {"xfail_strict": True} if _HAS_STRICT else {}
 
 
 @parametrize_with_checks(_estimators(), expected_failed_checks=_expected_failed_checks, **_STRICT)
