@@ -72,8 +72,9 @@ install: $(STAMP)
 
 install-full: $(FULL_STAMP)
 
+# --overwrite: a later `make compress` replaces the previous run's outputs (only those three files)
 compress: $(FULL_STAMP)
-	$(VENV)/bin/sparsefact compress $(COMPRESS_ARGS)
+	$(VENV)/bin/sparsefact compress --overwrite $(COMPRESS_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/sparsefact demo $(DEMO_ARGS)

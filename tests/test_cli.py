@@ -108,7 +108,10 @@ def test_demo_other_density_and_shape_quiet(capsys):
         ["demo", "--density", "1.5"],
         ["demo", "--density", "0"],
         ["demo", "--density", "0.1"],  # below the minimum density of a 256x512 layer
+        ["demo", "--density", "abc"],
+        ["demo", "--density", "nan"],
         ["demo", "--max-iter", "0"],
+        ["demo", "--max-iter", "x"],
         ["demo", "--shape", "256"],
         ["frobnicate"],
     ],
@@ -117,7 +120,18 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["demo", "--density", "abc"], "density must be a number in (0, 1], got 'abc'"),
+    (["demo", "--max-iter", "x"], "must be a positive integer, got 'x'"),
+])
+def test_non_numbers_are_named_in_the_error(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

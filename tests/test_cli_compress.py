@@ -11,6 +11,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -262,3 +264,244 @@ def test_user_method_through_the_cli_on_a_tiny_model(keep_diagonal, tmp_path):
     assert all(isinstance(loaded.layers[i].fc1, SparseLinear) for i in (0, 1))
     W = loaded.layers[0].fc2.to_dense()
     assert torch.equal(W, W * torch.eye(*W.shape))
+
+
+# ---------------------------------------------------------------------------- user files (issue 18, item 9)
+TINY = "test_cli_compress:tiny_text_model"
+
+
+def _lines_file(tmp_path, n=64):
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(words[(3 * i + j) % 40] for j in range(4 + i % 3)) for i in range(n)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _tiny_argv(tmp_path, out_dir, *extra):
+    return ["compress", "--model", TINY, "--method", "magnitude", "--no-compare", "--calib-file",
+            str(_lines_file(tmp_path)), "--n-calib", "8", "--n-eval", "8", "--output-dir", str(out_dir), "-q",
+            *extra]
+
+
+def _main(argv):
+    """``main(argv)`` as the console script ends: its status, also when argparse exits."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            return main(argv)
+        except SystemExit as exc:
+            return exc.code
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Make loading any model (or compressing) an AssertionError: checks must come first."""
+    import sparsefact.nn_adapters.data as data
+
+    def never(*args, **kwargs):  # pragma: no cover - must not be reached
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(data, "load_model", never)
+    monkeypatch.setattr(data, "load_text_model", never)
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_non_empty_output_dir_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "model.safetensors").write_bytes(b"the user's own model")
+    (out_dir / "report.md").write_text("the user's notes")
+    assert _main(_tiny_argv(tmp_path, out_dir)) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "is not empty" in line and "--overwrite" in line
+    assert (out_dir / "model.safetensors").read_bytes() == b"the user's own model"
+    # --overwrite replaces only a previous run's outputs, never other files of the user
+    (out_dir / "notes.txt").write_text("keep me")
+    assert _main(_tiny_argv(tmp_path, out_dir, "--overwrite")) == 2
+    assert "notes.txt" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors", "notes.txt", "report.md"]
+
+
+def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    target = tmp_path / "a_file"
+    target.write_text("data")
+    for out_dir in (target, target / "below"):
+        assert _main(_tiny_argv(tmp_path, out_dir)) == 2
+        assert "a_file" in (line := _one_error_line(capsys.readouterr().err)) and "is a file" in line
+    assert target.read_text() == "data"
+    monkey_cwd = tmp_path / "cwd"
+    monkey_cwd.mkdir()
+    old = os.getcwd()
+    os.chdir(monkey_cwd)
+    try:
+        assert _main(_tiny_argv(tmp_path, ".", "--overwrite")) == 2
+    finally:
+        os.chdir(old)
+    assert "current directory" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+def test_outputs_are_one_set_with_the_umask_modes_and_overwrite_replaces_it(tmp_path):
+    out_dir = tmp_path / "out" / "run"
+    previous = os.umask(0o027)
+    try:
+        assert _main(_tiny_argv(tmp_path, out_dir)) == 0
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors", "report.json", "report.md"]
+    assert stat.S_IMODE(out_dir.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    for p in out_dir.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p.name  # the model was 0600 (a temp file)
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["run"]  # no temporary leftovers
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["files"]["model"] == str(out_dir.resolve() / "model.safetensors")
+    assert report["storage"]["file_bytes"] == (out_dir / "model.safetensors").stat().st_size
+    first = (out_dir / "model.safetensors").read_bytes()
+    # a second run is refused without --overwrite, and replaces the set with it
+    assert _main(_tiny_argv(tmp_path, out_dir)) == 2
+    assert _main(_tiny_argv(tmp_path, out_dir, "--overwrite", "--density", "0.25")) == 0
+    assert (out_dir / "model.safetensors").read_bytes() != first
+    assert json.loads((out_dir / "report.json").read_text())["settings"]["density"] == 0.25
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["run"]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.parametrize("when", ["saving the model", "writing the markdown report"])
+def test_interrupted_write_leaves_the_old_set_and_no_temporary_files(tmp_path, monkeypatch, capsys, when):
+    import sparsefact.cli as cli
+    import sparsefact.nn_adapters.io as nn_io
+
+    out_dir = tmp_path / "run"
+    assert _main(_tiny_argv(tmp_path, out_dir)) == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if when == "saving the model":
+        real = nn_io.save_compressed
+
+        def save_then_interrupt(model, path):
+            real(model, path)  # a complete new model file is in the temporary set ...
+            raise KeyboardInterrupt  # ... when Ctrl-C arrives
+
+        monkeypatch.setattr(nn_io, "save_compressed", save_then_interrupt)
+    else:  # the new model and report.json are written, report.md not yet
+        monkeypatch.setattr(cli, "format_storage", interrupt)
+    assert _main(_tiny_argv(tmp_path, out_dir, "--overwrite", "--density", "0.25")) == 130
+    assert "interrupted" in _one_error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # the old set, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt", "run"]  # no temporary files
+
+
+# ---------------------------------------------------------------------------- argument errors (item 10)
+def _bad_args(tmp_path):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\0")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    short = tmp_path / "short.txt"
+    short.write_text("one two three\nfour five six\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    return {
+        "--model /nonexistent": (["--model", "/nonexistent/model"], "no such folder"),
+        "--model folder without config.json": (["--model", str(folder)], "no config.json"),
+        "--model a file": (["--model", str(a_file)], "is a file"),
+        "--model unknown module": (["--model", "no_such_module_xyz:make"], "cannot import module"),
+        "--model unknown factory": (["--model", "test_cli_compress:no_such_factory"], "no callable"),
+        "--layers [": (["--layers", "["], "not a valid regular expression"),
+        "--calib-file missing": (["--calib-file", "/nonexistent/lines.txt"], "no such file"),
+        "--calib-file a folder": (["--calib-file", str(folder)], "not a file"),
+        "--calib-file binary": (["--calib-file", str(binary)], "not UTF-8"),
+        "--calib-file too short": (["--calib-file", str(short)], "calibration"),
+        "--density 0": (["--density", "0"], "density"),
+        "--density -0.5": (["--density", "-0.5"], "density"),
+        "--density 1.5": (["--density", "1.5"], "density"),
+        "--density abc": (["--density", "abc"], "density must be a number"),
+        "--density nan": (["--density", "nan"], "density"),
+        "--n-calib 0": (["--n-calib", "0"], "positive integer"),
+        "--n-calib x": (["--n-calib", "x"], "positive integer"),
+        "--n-eval 0": (["--n-eval", "0"], "positive integer"),
+        "--compare-methods nosuch": (["--compare", "--compare-methods", "nosuch"], "unknown method"),
+        "--checkpoint-dir a file": (["--checkpoint-dir", str(a_file)], "is a file"),
+    }
+
+
+BAD_ARGS = [
+    "--model /nonexistent", "--model folder without config.json", "--model a file", "--model unknown module",
+    "--model unknown factory", "--layers [", "--calib-file missing", "--calib-file a folder",
+    "--calib-file binary", "--calib-file too short", "--density 0", "--density -0.5", "--density 1.5",
+    "--density abc", "--density nan", "--n-calib 0", "--n-calib x", "--n-eval 0", "--compare-methods nosuch",
+    "--checkpoint-dir a file",
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGS)
+def test_bad_argument_is_one_line_and_exit_2_before_loading(case, tmp_path, capsys, no_model_load):
+    extra, message = _bad_args(tmp_path)[case]
+    argv = _tiny_argv(tmp_path, tmp_path / "out")
+    argv = [a for a in argv if a != "--no-compare"] if "--compare" in extra else argv
+    assert _main([*argv, *extra]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+def test_checkpoint_dir_is_passed_per_method_and_resumes(tmp_path):
+    ck = tmp_path / "ck"
+    argv = [a for a in _tiny_argv(tmp_path, tmp_path / "out", "--checkpoint-dir", str(ck),
+                                  "--compare-methods", "wanda") if a != "--no-compare"]
+    assert _main(argv) == 0
+    assert sorted(p.name for p in ck.iterdir()) == ["magnitude", "wanda"]
+    assert all((ck / m / "manifest.json").is_file() for m in ("magnitude", "wanda"))
+    first = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert first["settings"]["checkpoint_dir"] == str(ck)
+    assert _main([*argv, "--overwrite"]) == 0  # the same run again: every layer from the checkpoint
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    for method in ("magnitude", "wanda"):
+        assert all(row.get("from_checkpoint") for row in again["layers"][method])
+        assert [r["nnz"] for r in again["layers"][method]] == [r["nnz"] for r in first["layers"][method]]
+
+
+@pytest.fixture
+def fails_on_wide():
+    """A registered method whose fit raises for a wide W (out < in): the tiny model's fc2 layers."""
+    from toy_method import KeepDiagonal
+
+    import sparsefact
+
+    class FailsOnWide(KeepDiagonal):
+        def _fit(self, W, gram, engine):
+            if W.shape[0] < W.shape[1]:
+                raise RuntimeError("boom on a wide layer")
+            return super()._fit(W, gram, engine)
+
+    sparsefact.register_method("fails-on-wide", FailsOnWide, description="test: raises on wide layers")
+    yield "fails-on-wide"
+    sparsefact.unregister_method("fails-on-wide")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.filterwarnings("ignore:compress_model. 2 layer:RuntimeWarning")
+def test_failed_layers_exit_1_after_writing_the_outputs(tmp_path, capsys, fails_on_wide):
+    out_dir = tmp_path / "out"
+    argv = _tiny_argv(tmp_path, out_dir)
+    argv[argv.index("magnitude")] = fails_on_wide
+    assert _main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "2 layer(s) failed" in line and "layers.0.fc2" in line and "layers.1.fc2" in line
+    assert "boom on a wide layer" in line
+    report = json.loads((out_dir / "report.json").read_text())
+    assert [f["name"] for f in report["failed_layers"]] == ["layers.0.fc2", "layers.1.fc2"]
+    assert {f["method"] for f in report["failed_layers"]} == {fails_on_wide}
+    assert (out_dir / "model.safetensors").is_file() and "kept dense" in (out_dir / "report.md").read_text()

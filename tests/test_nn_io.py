@@ -107,8 +107,12 @@ def test_file_contents_and_metadata(compressed_model, tmp_path):
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
         keys = set(fh.keys())
-    assert meta["format"] == "sparsefact" and meta["format_version"] == "1"
+    assert meta["format"] == "sparsefact" and meta["format_version"] == "2"
     config = json.loads(meta["config"])
+    assert config["format_version"] == 2
+    sums = json.loads(meta["checksums"])
+    assert sums["algorithm"] == "sha256" and set(sums["tensors"]) == keys
+    assert all(len(d) == 64 for d in [sums["config"], *sums["tensors"].values()])
     names = [m["name"] for m in config["modules"]]
     assert names == ["2", "7", "9"]
     conv = config["modules"][1]
@@ -162,8 +166,12 @@ def test_float64_module_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------- broken files
-def _rewrite(src, dst, *, tensors=None, metadata=None):
-    """Copy ``src`` to ``dst`` after editing its tensors / metadata dicts in place by callables."""
+def _rewrite(src, dst, *, tensors=None, metadata=None, unsigned=True):
+    """Copy ``src`` to ``dst`` after editing its tensors / metadata dicts in place by callables.
+
+    ``unsigned``: write it as a format-version-1 file (no checksums), so that the edit reaches
+    the structural checks; ``False`` keeps the original checksums (which the edit breaks).
+    """
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as fh:
@@ -173,6 +181,9 @@ def _rewrite(src, dst, *, tensors=None, metadata=None):
         tensors(data)
     if metadata is not None:
         metadata(meta)
+    if unsigned:
+        meta.pop("checksums", None)
+        meta["format_version"] = "1"
     safetensors_torch.save_file(data, str(dst), metadata=meta)
     return dst
 
@@ -315,14 +326,20 @@ def test_format_version_1_file_still_loads(tmp_path):
     # the factors are bit-identical; the output up to float32 rounding (MKL sums in an order
     # that depends on the thread count: the reference was computed with the default threads)
     torch.testing.assert_close(y, torch.from_numpy(ref["y"]), rtol=1e-6, atol=1e-5)
-    # saving it again writes the same config, key for key (the format did not change)
+    # saving it again writes the same config, key for key, as format version 2 (+ checksums)
     from safetensors import safe_open
 
     again = tmp_path / "again.safetensors"
     save_compressed(loaded, again)
     with safe_open(path, "pt") as old, safe_open(str(again), "pt") as new:
-        assert json.loads(new.metadata()["config"]) == json.loads(old.metadata()["config"])
+        assert "checksums" not in old.metadata() and old.metadata()["format_version"] == "1"
+        new_config, old_config = json.loads(new.metadata()["config"]), json.loads(old.metadata()["config"])
+        assert new_config.pop("format_version") == 2 and old_config.pop("format_version") == 1
+        assert new_config == old_config
         assert set(new.keys()) == set(old.keys())
+        assert set(json.loads(new.metadata()["checksums"])["tensors"]) == set(new.keys())
+    with torch.no_grad():
+        assert torch.equal(load_compressed(v1_dense_model, again).eval()(torch.from_numpy(ref["x"])), y)
 
 
 def every_family_model() -> nn.Module:
@@ -401,3 +418,201 @@ def test_io_has_no_per_class_code():
     code = source[source.index('"""', 3) + 3:]  # after the module docstring
     for name in ("DoubleSparseConv2d", "DoubleSparseLinear", "SparseLinear", "SparseConv2d", "LowRank"):
         assert name not in code
+
+
+# ---------------------------------------------------------------------------- corrupted data (issue 18)
+def _csr_row_with(tensors, key, at_least=2):
+    """Index of the first row of CSR factor ``key`` with at least ``at_least`` entries, and its start."""
+    crow = tensors[f"{key}.crow_indices"].to(torch.int64)
+    for r in range(crow.numel() - 1):
+        if crow[r + 1] - crow[r] >= at_least:
+            return r, int(crow[r])
+    raise AssertionError(f"no row of {key} with {at_least} entries")  # pragma: no cover
+
+
+def _set(key, fn):
+    """A ``tensors=`` edit replacing ``key`` by ``fn(clone of it)``."""
+    def edit(t):
+        value = t[key].clone()
+        t[key] = fn(value, t)
+    return edit
+
+
+def _assign(index, value):
+    def fn(x, _t):
+        x[index] = value
+        return x
+    return fn
+
+
+# in-range changes that every structural check accepts: only the checksums can see them
+SILENT_EDITS = {
+    "a CSR value": ("2.A.values", _assign(0, 0.123)),
+    "a column index, still in range and sorted": (
+        "9.weight.col_indices",
+        lambda x, t: _move_last_column(x, t, "9.weight")),
+    "a bias entry": ("2.bias", _assign(0, 9.0)),
+    "an untouched dense weight": ("0.weight", _assign((0, 0), 0.5)),
+    "a BatchNorm buffer": ("5.num_batches_tracked", lambda x, _t: x + 1),
+}
+
+
+def _move_last_column(col, tensors, key):
+    """Shift the last entry of the first row whose last column can move right (stays valid CSR)."""
+    crow = tensors[f"{key}.crow_indices"].to(torch.int64)
+    cols = 12
+    for r in range(crow.numel() - 1):
+        end = int(crow[r + 1])
+        if end > int(crow[r]) and int(col[end - 1]) < cols - 1:
+            col[end - 1] += 1
+            return col
+    raise AssertionError("no movable entry")  # pragma: no cover
+
+
+@pytest.mark.parametrize("what", list(SILENT_EDITS))
+def test_checksum_catches_an_in_range_change(saved, tmp_path, what):
+    key, fn = SILENT_EDITS[what]
+    load_compressed(make_model, _rewrite(saved, tmp_path / "as_v1.safetensors", tensors=_set(key, fn)))
+    # ^ without checksums (a version-1 file) the change is undetectable; with them it is refused
+    bad = _rewrite(saved, tmp_path / "bad.safetensors", tensors=_set(key, fn), unsigned=False)
+    with pytest.raises(ValueError, match=rf"tensor '{key}' does not match its checksum"):
+        load_compressed(make_model, bad)
+
+
+def test_checksum_catches_a_consistent_config_change(saved, tmp_path):
+    def stride(cfg):
+        cfg["modules"][1]["stride"] = [1, 1]  # a geometry that still fits every tensor
+
+    with pytest.raises(ValueError, match="config in the metadata does not match its checksum"):
+        load_compressed(make_model, _rewrite(saved, tmp_path / "s.safetensors", metadata=_edit_config(stride),
+                                             unsigned=False))
+    def sums(meta):
+        meta["checksums"] = meta["checksums"].replace('"config": "', '"config": "0')
+
+    edit = _rewrite(saved, tmp_path / "sums.safetensors", unsigned=False, metadata=sums)
+    with pytest.raises(ValueError, match="checksum"):
+        load_compressed(make_model, edit)
+
+
+def test_version_2_file_without_checksums_is_refused(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "nosum.safetensors", metadata=lambda m: m.pop("checksums"),
+                   unsigned=False)
+    with pytest.raises(ValueError, match="without checksums"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "v0.safetensors", metadata=lambda m: m.update({"format_version": "0"}),
+                   unsigned=False)
+    with pytest.raises(ValueError, match="unsupported format_version 0"):
+        load_compressed(make_model, bad)
+
+
+def test_tensor_added_or_removed_against_the_checksums(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "extra.safetensors", unsigned=False,
+                   tensors=lambda t: t.update({"evil": torch.zeros(3)}))
+    with pytest.raises(ValueError, match="'evil' has no checksum"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "gone.safetensors", unsigned=False, tensors=lambda t: t.pop("0.bias"))
+    with pytest.raises(ValueError, match=r"missing tensor '0\.bias'"):
+        load_compressed(make_model, bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_factor_values_are_refused_without_checksums(saved, tmp_path, value):
+    for key, index in [("2.A.values", 0), ("7.B.values", 3), ("9.bias", 1)]:
+        bad = _rewrite(saved, tmp_path / "nan.safetensors", tensors=_set(key, _assign(index, value)))
+        with pytest.raises(ValueError, match=rf"'{key}' holds NaN or infinite"):
+            load_compressed(make_model, bad)
+
+
+def test_unsorted_and_duplicate_columns_are_value_errors(saved, tmp_path):
+    """Torch's own CSR check raised a RuntimeError for these; an in-range duplicate it never saw."""
+    def swap(col, t):
+        r, start = _csr_row_with(t, "2.A")
+        col[start], col[start + 1] = col[start + 1].clone(), col[start].clone()
+        return col
+
+    def duplicate(col, t):
+        r, start = _csr_row_with(t, "2.A")
+        col[start + 1] = col[start]
+        return col
+
+    for fn in (swap, duplicate):
+        bad = _rewrite(saved, tmp_path / "cols.safetensors", tensors=_set("2.A.col_indices", fn))
+        with pytest.raises(ValueError, match="strictly increasing within each row"):
+            load_compressed(make_model, bad)
+
+
+def test_bad_row_pointer_is_a_value_error(saved, tmp_path):
+    def dip(crow, _t):
+        crow[1], crow[2] = crow[2].clone() + 1, crow[1].clone()
+        return crow
+
+    for fn in (dip, lambda c, _t: c + 1, lambda c, _t: torch.cat([c[:-1], c[-1:] - 1])):
+        bad = _rewrite(saved, tmp_path / "crow.safetensors", tensors=_set("2.B.crow_indices", fn))
+        with pytest.raises(ValueError, match="crow_indices"):
+            load_compressed(make_model, bad)
+
+
+def test_bias_false_with_a_bias_in_the_file_is_refused(saved, tmp_path):
+    drop = _edit_config(lambda c: c["modules"][0].update({"bias": False}))
+    with pytest.raises(ValueError, match=r"bias tensor '2\.bias' but the config says bias=false"):
+        load_compressed(make_model, _rewrite(saved, tmp_path / "b.safetensors", metadata=drop))
+    with pytest.raises(ValueError, match="checksum"):
+        load_compressed(make_model, _rewrite(saved, tmp_path / "b2.sft", metadata=drop, unsigned=False))
+
+
+def test_stray_tensor_and_storage_dtype_are_refused(saved, tmp_path):
+    bad = _rewrite(saved, tmp_path / "stray.sft", tensors=lambda t: t.update({"2.extra": torch.ones(2)}))
+    with pytest.raises(ValueError, match=r"config does not describe: \['2\.extra'\]"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "f64.sft", tensors=_set("7.B.values", lambda x, _t: x.double()))
+    with pytest.raises(ValueError, match=r"'7\.B\.values' is float64, the config says float32"):
+        load_compressed(make_model, bad)
+    bad = _rewrite(saved, tmp_path / "int.sft", tensors=_set("0.weight", lambda x, _t: x.to(torch.int32)))
+    with pytest.raises(ValueError, match=r"'0\.weight' is int32 in the file"):
+        load_compressed(make_model, bad)
+
+
+def test_impossible_geometry_is_a_value_error_not_a_runtime_error(saved, tmp_path):
+    for edit in ({"in_features": -16}, {"inner_features": -1}, {"shapes": {"A": [16, "x"]}}):
+        bad = _rewrite(saved, tmp_path / "g.safetensors",
+                       metadata=_edit_config(lambda c, e=edit: c["modules"][0].update(e)))
+        with pytest.raises(ValueError):
+            load_compressed(make_model, bad)
+    twice = _edit_config(lambda c: c["modules"].append(dict(c["modules"][0])))
+    with pytest.raises(ValueError, match="named twice"):
+        load_compressed(make_model, _rewrite(saved, tmp_path / "twice.safetensors", metadata=twice))
+
+
+def test_saved_file_gets_the_umask_mode(compressed_model, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_compressed(compressed_model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert (os.stat(tmp_path / "m.safetensors").st_mode & 0o777) == 0o640
+
+
+def test_dense_stored_factor_is_verified(tmp_path):
+    """A factor dense enough to be stored dense: checksum, finiteness and dtype are checked."""
+    torch.manual_seed(0)
+    A, B, bias = torch.randn(4, 3), torch.randn(3, 5), torch.randn(4)
+    model = nn.Sequential(DoubleSparseLinear.from_factors(A, B, bias))
+    path = tmp_path / "dense.safetensors"
+    save_compressed(model, path)
+
+    def factory():
+        return nn.Sequential(nn.Linear(5, 4))
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        assert json.loads(fh.metadata()["config"])["modules"][0]["storage"] == {"A": "dense", "B": "dense"}
+    bad = _rewrite(path, tmp_path / "changed.sft", tensors=_set("0.A", _assign((0, 0), 1.5)), unsigned=False)
+    with pytest.raises(ValueError, match=r"'0\.A' does not match its checksum"):
+        load_compressed(factory, bad)
+    bad = _rewrite(path, tmp_path / "nan.sft", tensors=_set("0.B", _assign((1, 1), float("nan"))))
+    with pytest.raises(ValueError, match=r"'0\.B' holds NaN"):
+        load_compressed(factory, bad)
+    bad = _rewrite(path, tmp_path / "half.sft", tensors=_set("0.A", lambda x, _t: x.half()))
+    with pytest.raises(ValueError, match=r"'0\.A' is float16, the config says float32"):
+        load_compressed(factory, bad)

@@ -1,4 +1,4 @@
-"""torch modules that hold the factors of a compressed layer.
+r"""torch modules that hold the factors of a compressed layer.
 
 =====================  =======================================  ===========================
 family                 Linear (and transformers' ``Conv1D``)    Conv2d (groups=1)
@@ -55,8 +55,14 @@ dtype with the dense layout (CPU and CUDA) and with CSR on CUDA (not tested here
 factor in fp16/bf16 on the CPU (only when forced with ``layout="csr"``) is multiplied in float32
 and the result cast back.
 
-State: factors and bias are registered as *buffers*, not parameters. These are inference modules:
-nothing here is trained, an optimiser never sees the factors, and gradients flow only to the input.
+State: factors and bias are registered as *buffers*, not parameters: by default these are inference
+modules, an optimiser never sees the factors, and gradients flow only to the input.
+:meth:`~_FactorModule.set_trainable` (or :func:`set_trainable` on a whole model) turns the factors
+and the bias into ``nn.Parameter``\ s with their sparsity patterns fixed -- each factor is
+parametrised as ``values * mask`` (``torch.nn.utils.parametrize``), so gradients outside the pattern
+are zero by construction and no optimiser (SGD, Adam, weight decay, ...) can create a new nonzero:
+the module's factors keep exactly the nonzeros they had; ``set_trainable(False)`` makes them
+buffers again in their original runtime layouts. Training runs on the dense layout.
 Buffers follow ``.to(dtype)`` / ``.to(device)`` / ``.half()`` and appear in ``state_dict()`` (a CSR
 factor as a sparse CSR tensor); ``load_state_dict`` and ``copy.deepcopy`` are customised because
 torch cannot copy a CSR tensor into one with a different number of nonzeros.
@@ -77,6 +83,7 @@ from torch import nn
 
 __all__ = [
     "MODULE_CLASSES",
+    "FixedPattern",
     "DoubleSparseConv2d",
     "DoubleSparseLinear",
     "LowRankConv2d",
@@ -86,6 +93,7 @@ __all__ = [
     "choose_layout",
     "module_class",
     "replace_module",
+    "set_trainable",
 ]
 
 #: ``auto`` uses CSR for a factor with at most this density ...
@@ -237,6 +245,17 @@ def _chain_linear(x2: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor
     return z if row_form else z.T
 
 
+class FixedPattern(nn.Module):
+    """Parametrisation ``values -> values * mask``: the trainable values of a factor on a fixed pattern."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return values * self.mask.to(values.dtype)
+
+
 class _FactorModule(nn.Module):
     """Shared machinery: factor buffers with a per-factor runtime layout, config and registration.
 
@@ -344,6 +363,54 @@ class _FactorModule(nn.Module):
 
     def _dense_weight_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- training with fixed sparsity patterns
+    @property
+    def trainable(self) -> bool:
+        """Whether the factors are parameters (see :meth:`set_trainable`)."""
+        return getattr(self, "_trainable_layouts", None) is not None
+
+    def set_trainable(self, trainable: bool = True) -> _FactorModule:
+        """Make the nonzero values of the factors (and the bias) trainable, the patterns fixed.
+
+        With ``trainable=True`` every factor becomes an ``nn.Parameter`` on the dense layout,
+        parametrised as ``values * mask`` with the mask of its current nonzeros
+        (:class:`FixedPattern`): ``module.A`` is then the masked product, gradients are the
+        dense-layer gradients restricted to the pattern, and no optimiser step can create a
+        nonzero outside it. The bias becomes a parameter too. ``trainable=False`` turns the
+        (masked) values back into buffers in the runtime layouts they had before.
+
+        Returns
+        -------
+        self
+        """
+        from torch.nn.utils import parametrize
+
+        if bool(trainable) == self.trainable:
+            return self
+        if trainable:
+            layouts = dict(self.layouts)
+            for name in self._factor_names:
+                values = self.factor(name).detach().clone()
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(values))
+                parametrize.register_parametrization(self, name, FixedPattern(values != 0))
+                self.layouts[name] = "dense"
+            if self.bias is not None:
+                bias = self._buffers.pop("bias")
+                self.register_parameter("bias", nn.Parameter(bias.detach().clone()))
+            self._trainable_layouts = layouts
+            return self
+        layouts = self._trainable_layouts
+        for name in self._factor_names:
+            parametrize.remove_parametrizations(self, name, leave_parametrized=True)
+            values = self._parameters.pop(name).detach()
+            self._set_factor(name, values, layouts.get(name))
+        if isinstance(self.bias, nn.Parameter):
+            bias = self._parameters.pop("bias").detach()
+            self.register_buffer("bias", bias)
+        self._trainable_layouts = None
+        return self
 
     # -- building from a fitted estimator
     @classmethod
@@ -935,3 +1002,17 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Mod
         raise ValueError(f"model has no submodule {name!r}") from exc
     setattr(parent, child, new_module)
     return old
+
+
+def set_trainable(model: nn.Module, trainable: bool = True) -> nn.Module:
+    """:meth:`_FactorModule.set_trainable` on every compressed module of ``model``; returns ``model``.
+
+    After ``set_trainable(model)`` the compressed layers fine-tune with any torch optimiser
+    (their patterns fixed) alongside the model's other parameters; ``set_trainable(model,
+    False)`` freezes them into inference buffers again (before ``save_compressed``, for the
+    sparse runtime layouts).
+    """
+    for module in model.modules():
+        if isinstance(module, _FactorModule):
+            module.set_trainable(trainable)
+    return model
