@@ -277,6 +277,12 @@ def _register_builtins() -> None:
                     description="ADMM pruning with weight update (Boža 2024)")
     register_method("lowrank", LowRank, module="lowrank",
                     description="rank-r U @ V at the same parameter count (calibrated SVD)")
+    from .structured import ButterflyFactorization, MonarchFactorization
+
+    register_method("monarch", MonarchFactorization, kind="structured", module="monarch",
+                    description="Monarch P L P^T R, block-diagonal L and R (Dao et al. 2022)")
+    register_method("butterfly", ButterflyFactorization, kind="structured", module="butterfly",
+                    description="product of log2(n) butterfly factors (Dao et al. 2019)")
 
 
 _register_builtins()

@@ -1,7 +1,9 @@
 """torch adapters: factor modules, activation capture, model compression, save/load.
 
 This subpackage is the only place that imports torch (``pip install sparsefact[torch]``).
-Importing it loads the modules (:mod:`.modules`); the rest is imported on first use:
+Importing it loads the modules (:mod:`.modules`, and the trainable structured
+:class:`MonarchLinear` / :class:`ButterflyLinear` of :mod:`.structured_modules`); the rest is
+imported on first use:
 
 - :func:`compress_model` / :class:`CompressionReport` (:mod:`.compress`, the loop of
   capture -> :func:`fit_layer` -> install) and :func:`fit_layer` (:mod:`sparsefact.layer_fit`,
@@ -29,13 +31,20 @@ from .modules import (
     replace_module,
 )
 
+# imported eagerly, like .modules: the import registers the two classes in MODULE_CLASSES, which
+# load_compressed needs to rebuild them in a process that never named them (it costs no more
+# than the class definitions: sparsefact.structured is already loaded by sparsefact)
+from .structured_modules import ButterflyLinear, MonarchLinear
+
 __all__ = [
+    "ButterflyLinear",
     "CompressionReport",
     "DoubleSparseConv2d",
     "PruneReport",
     "DoubleSparseLinear",
     "LowRankConv2d",
     "LowRankLinear",
+    "MonarchLinear",
     "SparseConv2d",
     "SparseLinear",
     "choose_layout",

@@ -5,13 +5,15 @@ estimator and a report row out); this module is the torch side that follows it. 
 entry of the method (:class:`sparsefact.methods.MethodSpec`) says which *module family* holds its
 result:
 
-=====================  =======================================  ===========================
-family                 ``nn.Linear`` (and HF ``Conv1D``)        ``nn.Conv2d`` (groups=1)
-=====================  =======================================  ===========================
-``"sparse"``           :class:`~.modules.SparseLinear`          :class:`~.modules.SparseConv2d`
-``"double_sparse"``    :class:`~.modules.DoubleSparseLinear`    :class:`~.modules.DoubleSparseConv2d`
-``"lowrank"``          :class:`~.modules.LowRankLinear`         :class:`~.modules.LowRankConv2d`
-=====================  =======================================  ===========================
+=====================  ==============================================  ======================================
+family                 ``nn.Linear`` (and HF ``Conv1D``)               ``nn.Conv2d`` (groups=1)
+=====================  ==============================================  ======================================
+``"sparse"``           :class:`~.modules.SparseLinear`                 :class:`~.modules.SparseConv2d`
+``"double_sparse"``    :class:`~.modules.DoubleSparseLinear`           :class:`~.modules.DoubleSparseConv2d`
+``"lowrank"``          :class:`~.modules.LowRankLinear`                :class:`~.modules.LowRankConv2d`
+``"monarch"``          :class:`~.structured_modules.MonarchLinear`     -- (written in place)
+``"butterfly"``        :class:`~.structured_modules.ButterflyLinear`   -- (written in place)
+=====================  ==============================================  ======================================
 
 ``spec.module`` is a family name, a callable ``builder(estimator, layer, bias) -> nn.Module``
 (``None`` from it: write in place), or ``None``: the family follows from the number of factors
@@ -19,7 +21,12 @@ of ``estimator.get_factors()`` (one -> ``"sparse"``, two -> ``"double_sparse"``)
 :func:`register_module_family` adds a family; its classes need a classmethod
 ``from_layer(layer, factors, *, layout="auto")`` (as every
 :class:`~.modules._FactorModule` subclass has), and to be saved by
-:func:`~sparsefact.nn_adapters.save_compressed`, to be a ``_FactorModule`` subclass.
+:func:`~sparsefact.nn_adapters.save_compressed`, to be a ``_FactorModule`` subclass. A class
+whose result is not determined by the dense factors (the structured modules: ``get_factors()``
+of a Monarch or butterfly estimator is only the dense ``W_hat``) defines a classmethod
+``from_layer_estimator(layer, estimator)`` instead, which :func:`build_module` prefers when
+present. (The hook has its own name because ``from_estimator`` of the sparse modules already
+means ``from_estimator(estimator, bias)``.)
 
 A transformers ``Conv1D`` (GPT-2) counts as a linear layer (its matrix is ``weight.T``).
 A Conv2d with a non-zero ``padding_mode`` ("reflect", "replicate", "circular") is not
@@ -47,6 +54,7 @@ from .modules import (
     SparseLinear,
     replace_module,
 )
+from .structured_modules import ButterflyLinear, MonarchLinear
 
 __all__ = [
     "build_module",
@@ -57,11 +65,14 @@ __all__ = [
     "write_dense",
 ]
 
-_BUILTIN = ("sparse", "double_sparse", "lowrank")
+_BUILTIN = ("sparse", "double_sparse", "lowrank", "monarch", "butterfly")
 _FAMILIES: dict[str, dict[type, type]] = {
     "sparse": {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d},
     "double_sparse": {nn.Linear: DoubleSparseLinear, nn.Conv2d: DoubleSparseConv2d},
     "lowrank": {nn.Linear: LowRankLinear, nn.Conv2d: LowRankConv2d},
+    # no Conv2d class: a convolution's structured approximation is written into its kernel
+    "monarch": {nn.Linear: MonarchLinear},
+    "butterfly": {nn.Linear: ButterflyLinear},
 }
 #: family chosen for ``spec.module=None`` from the number of factors
 _BY_FACTORS = {1: "sparse", 2: "double_sparse"}
@@ -79,7 +90,8 @@ def register_module_family(
     linear, conv2d : type, optional
         Module class replacing an ``nn.Linear`` (and transformers ``Conv1D``) / an
         ``nn.Conv2d``. Each needs a classmethod ``from_layer(layer, factors, *, layout="auto")``
-        building it from the dense factors of ``estimator.get_factors()`` and the layer;
+        building it from the dense factors of ``estimator.get_factors()`` and the layer, or
+        ``from_layer_estimator(layer, estimator)`` building it from the fitted estimator;
         subclass :class:`~sparsefact.nn_adapters.modules._FactorModule` to have it saved and
         loaded. A layer kind without a class is compressed in place (dense weight).
     replace : bool, default=False
@@ -104,8 +116,10 @@ def register_module_family(
     for kind, cls in ((nn.Linear, linear), (nn.Conv2d, conv2d)):
         if cls is None:
             continue
-        if not isinstance(cls, type) or not callable(getattr(cls, "from_layer", None)):
-            raise TypeError(f"{cls!r} must be a module class with a from_layer(layer, factors) classmethod")
+        if not isinstance(cls, type) or not (callable(getattr(cls, "from_layer", None))
+                                             or callable(getattr(cls, "from_layer_estimator", None))):
+            raise TypeError(f"{cls!r} must be a module class with a from_layer(layer, factors) "
+                            "or from_layer_estimator(layer, estimator) classmethod")
         classes[kind] = cls
     _FAMILIES[name] = classes
 
@@ -167,7 +181,8 @@ def build_module(spec: MethodSpec | Any, estimator: Any, layer: nn.Module) -> nn
     spec : MethodSpec, or a method name / class / estimator (looked up in the registry)
         Its ``module`` says which family (or builder) holds the result.
     estimator : fitted compressor
-        Its ``get_factors()`` are the dense factors of the compressed weight.
+        Its ``get_factors()`` are the dense factors of the compressed weight; a family class
+        with a ``from_layer_estimator(layer, estimator)`` classmethod is built by it instead.
     layer : nn.Module
         The dense layer being replaced: its geometry, bias, device, dtype and mode are kept.
 
@@ -192,7 +207,11 @@ def build_module(spec: MethodSpec | Any, estimator: Any, layer: nn.Module) -> nn
         cls = _FAMILIES[family].get(kind)
         if cls is None:
             return None
-        new = cls.from_layer(layer, estimator.get_factors())
+        from_estimator = getattr(cls, "from_layer_estimator", None)
+        if callable(from_estimator):
+            new = from_estimator(layer, estimator)
+        else:
+            new = cls.from_layer(layer, estimator.get_factors())
     return None if new is None else _to_module_like(new, layer)
 
 
