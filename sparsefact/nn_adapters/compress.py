@@ -478,6 +478,7 @@ def compress_model(
     on_error: str = "skip",
     checkpoint_dir: str | Path | None = None,
     client: Any = None,
+    offload: Any = None,
     **params: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a model's linear layers from calibration data; return ``(model, report)``.
@@ -560,6 +561,19 @@ def compress_model(
         all layers (``sequential=False`` or no calibration) -- in parallel on the cluster
         (:func:`sparsefact.factorize_many`); blocks stay in order, each calibrated on the
         previous compressed block's outputs. The progress bar follows the finished fits.
+    offload : BlockOffloader or path, optional
+        Models larger than memory (:mod:`~.offload`): the model is built on the ``meta``
+        device and each block is read from (sharded) safetensors just before it is
+        compressed, written to the output folder atomically once its outputs for the next block
+        are computed, and freed; blocks after the last compressed one are not run (they are
+        copied at the end). Peak memory is about one block plus the calibration activations
+        and the tensors outside the blocks. A :class:`~.offload.BlockOffloader`, or an output
+        folder (the source is then the local folder in ``model.config._name_or_path``).
+        Block mode only; not with ``checkpoint_dir`` or a method needing no calibration pass
+        (``measure_error=False`` with magnitude pruning). The compressed weights are those of
+        a run without offload, bit for bit; the returned model keeps its blocks dense on
+        ``meta``: :func:`~.offload.load_offloaded` assembles the compressed model. A run that
+        fails leaves the output folder without its ``index.json`` (incomplete).
     **params
         Passed to the estimator's constructor (e.g. ``max_iter=8`` for DSF).
 
@@ -573,7 +587,9 @@ def compress_model(
     ------
     ValueError
         An unknown method name, a scorer method, bad estimator parameters or densities,
-        ``on_error`` not in ``{"skip", "raise"}``, or a checkpoint of another run.
+        ``on_error`` not in ``{"skip", "raise"}``, or a checkpoint of another run; with
+        ``offload``: a model without repeated blocks, a source that lacks a tensor the model
+        needs or has another shape, or an output folder that is not empty.
     """
     from tqdm.auto import tqdm
 
@@ -591,6 +607,16 @@ def compress_model(
     statistic = "gram" if measure_error else spec.needs
     if statistic not in ("gram", "diag", "none"):
         raise ValueError(f"method {spec.name!r} needs {spec.needs!r}, which compress_model cannot capture")
+    if offload is not None:
+        from .offload import as_offloader
+
+        if checkpoint_dir is not None:
+            raise ValueError("offload= and checkpoint_dir= cannot be combined yet (the checkpoint manifest "
+                             "digests every weight up front)")
+        if statistic == "none":
+            raise ValueError(f"offload= needs a calibration pass; method {spec.name!r} with "
+                             "measure_error=False has none (pass measure_error=True)")
+        offload = as_offloader(offload, model)
     was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
@@ -607,6 +633,9 @@ def compress_model(
                 names, mods = resolved
                 per_block = [select_layers(b, layers, prefix=n) for n, b in zip(names, mods, strict=True)]
                 targets = [t for ts in per_block for t in ts]
+            if offload is not None and per_block is None:
+                raise ValueError("offload= needs a model with repeated blocks (blocks=...), compressed block "
+                                 "by block")
             skipped = []
             if per_block is None and layers is None and len(targets) > 1:
                 # A layer-wise model's last layer is its output head (classes, logits): keep it dense.
@@ -633,7 +662,7 @@ def compress_model(
                     _compress_layerwise(model, calibration_data, targets, sequential, forward, run)
                 else:
                     _compress_blockwise(model, calibration_data, names, mods, per_block, sequential, forward,
-                                        run)
+                                        run, offload)
             except BaseException as exc:
                 run.restore()
                 if checkpoint is not None:
@@ -741,12 +770,17 @@ def _compress_layerwise(model, data, targets, sequential, forward, run: _Run) ->
         run.layer(model, name, model.get_submodule(name), cap.calibration(name))
 
 
-def _compress_blockwise(model, data, names, blocks, per_block, sequential, forward, run: _Run) -> None:
+def _compress_blockwise(model, data, names, blocks, per_block, sequential, forward, run: _Run,
+                        offload: Any = None) -> None:
     last = max(i for i, targets in enumerate(per_block) if targets)  # later blocks need no inputs
+    if offload is not None:
+        offload.prepare(model, names)  # the tensors outside the blocks, from disk
     inputs = _catch_block_inputs(model, blocks[0], data, forward)
     for block_name, block, targets in zip(names[: last + 1], blocks[: last + 1], per_block, strict=False):
         local = [t[len(block_name) + 1:] for t in targets]
         dense_outputs = []
+        if offload is not None:
+            offload.load(block_name, block)
         if targets:
             with ActivationCapture(block, names=local, statistic=run.statistic) as cap:
                 for args, kwargs, mask in inputs:
@@ -757,10 +791,26 @@ def _compress_blockwise(model, data, names, blocks, per_block, sequential, forwa
             modules = dict(block.named_modules())
             run.layers([(block, short, modules[short], cap.calibration(short), full)
                         for full, short in zip(targets, local, strict=True)])
+            del cap, modules  # free the block's Grams before the next block is read
         if block is blocks[last]:
+            if offload is not None:
+                _offload_store(offload, run, block_name, block)
             break
         if not dense_outputs:  # sequential (or nothing compressed): outputs of the block as it is now
             for args, kwargs, mask in inputs:
                 with token_mask(mask):
                     dense_outputs.append(_block_hidden(block(*args, **kwargs)))
+        if offload is not None:
+            _offload_store(offload, run, block_name, block)
         inputs = [(*_next_inputs(a, k, h), m) for (a, k, m), h in zip(inputs, dense_outputs, strict=True)]
+    if offload is not None:
+        offload.finish(run.report)
+
+
+def _offload_store(offload: Any, run: _Run, block_name: str, block: nn.Module) -> None:
+    """Write the compressed block out and free it: its original (dense) layers go back on ``meta``."""
+    offload.store(block_name, block)
+    mine = [o for o in run.originals if o[0] is block]
+    run.originals[:] = [o for o in run.originals if o[0] is not block]
+    for container, name, module, _ in reversed(mine):
+        replace_module(container, name, module.to("meta"))
