@@ -37,6 +37,7 @@ from .modules import (
 from .structured_modules import ButterflyLinear, MonarchLinear
 
 __all__ = [
+    "BlockOffloader",
     "ButterflyLinear",
     "CompressionReport",
     "DoubleSparseConv2d",
@@ -53,11 +54,13 @@ __all__ = [
     "compute_scores",
     "fit_layer",
     "load_compressed",
+    "load_offloaded",
     "prune_at_init",
     "register_module_family",
     "remove_masks",
     "replace_module",
     "save_compressed",
+    "set_trainable",
 ]
 
 # name -> module that defines it, imported on first access
@@ -73,6 +76,9 @@ _LAZY = {
     "compute_scores": ".prune_init",
     "remove_masks": ".prune_init",
     "PruneReport": ".prune_init",
+    "BlockOffloader": ".offload",
+    "load_offloaded": ".offload",
+    "set_trainable": ".modules",
 }
 
 
