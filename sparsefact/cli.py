@@ -48,6 +48,7 @@ torch and the model packages are imported only when ``compress`` runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -1083,6 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"results written to {args.json}")
         return 0
     if args.command == "methods":
+        with contextlib.suppress(ImportError):  # registers the pruning-at-initialisation scorers (torch)
+            import sparsefact.nn_adapters.prune_init  # noqa: F401
         rows = method_rows(args.kind)
         print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_methods(rows))
         return 0

@@ -283,6 +283,8 @@ def _register_builtins() -> None:
                     description="Monarch P L P^T R, block-diagonal L and R (Dao et al. 2022)")
     register_method("butterfly", ButterflyFactorization, kind="structured", module="butterfly",
                     description="product of log2(n) butterfly factors (Dao et al. 2019)")
+    # The pruning-at-initialisation scorers (kind='scorer') are registered by
+    # sparsefact.nn_adapters.prune_init, which needs torch.
 
 
 _register_builtins()

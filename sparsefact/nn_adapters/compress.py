@@ -53,6 +53,7 @@ from ..calibration import Calibration
 from ..checkpoint import LayerCheckpoint, digest_arrays
 from ..layer_fit import LayerResult, LayerSpec, fit_layer
 from ..methods import MethodSpec, available_methods, make_estimator, method_name, spec_for
+from . import prune_init as _prune_init  # noqa: F401 - registers the pruning-at-initialisation scorers
 from .capture import (
     _CURRENT_MASK,
     ActivationCapture,

@@ -1029,3 +1029,21 @@ def prune_at_init(
         layers=rows,
         history=history,
     )
+
+
+def _register_scorers() -> None:
+    """The whole-network scores in the method registry (``kind="scorer"``; ``sparsefact methods``)."""
+    from ..methods import available_methods, register_method
+
+    entries = (
+        ("random", score_random, "none", "random scores (a random mask at the density)"),
+        ("snip", score_snip, "grad", "SNIP |theta * dL/dtheta| (Lee et al. 2019)"),
+        ("grasp", score_grasp, "grad", "GraSP theta * Hg, Hessian-gradient product (Wang et al. 2020)"),
+        ("synflow", score_synflow, "none", "SynFlow, data-free iterative synaptic flow (Tanaka et al. 2020)"),
+    )
+    for name, function, needs, what in entries:
+        if name not in available_methods():
+            register_method(name, function, kind="scorer", needs=needs, description=f"PaI: {what}")
+
+
+_register_scorers()
