@@ -126,6 +126,10 @@ class LowRank(BaseCompressor):
         "calibrated": ["boolean"],
     }
 
+    #: ``U_`` and ``V_`` hold the two factors; ``V_`` carries ``W``'s scale after a scaled fit.
+    _factor_attributes = (("U_",), ("V_",))
+    _scale_factor = 1
+
     def __init__(self, density: float = 0.5, *, calibrated: bool = True, backend: str = "auto") -> None:
         self.density = density
         self.calibrated = calibrated
@@ -147,7 +151,14 @@ class LowRank(BaseCompressor):
         self.V_ = xp.astype(xp.matmul(left.T, values), W.dtype)
         self.rank_ = rank
         self.singular_values_ = np.asarray(to_host(singular[:rank]))
+        self._used_gram = use_gram
         return FitOutput(factors=(self.U_, self.V_), nnz=rank * (m + n))
+
+    def _rescale_fitted(self, w_exponent: int, gram_exponent: int) -> None:
+        """Singular values of ``W S`` (``S S^T = G``) carry ``2**w`` and ``2**(g / 2)`` of a scaled fit."""
+        exponent = w_exponent + (gram_exponent // 2 if self._used_gram else 0)
+        with np.errstate(over="ignore", under="ignore"):
+            self.singular_values_ = np.ldexp(self.singular_values_, exponent)
 
 
 def gram_square_root(gram: np.ndarray) -> np.ndarray:

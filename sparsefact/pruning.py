@@ -7,10 +7,15 @@ sparse matrix ``weight_`` of the same shape, chosen with the calibration Gram
 ``fit(W, calibration=...)``, ``reconstruct()``, ``calibrated_err_``,
 ``reconstruction_err_``, ``density_``, ``nnz_`` and ``backend_``.
 
-Budget rule (all three, unstructured): a density ``d`` keeps at most
+Budget rule (all four, unstructured): a density ``d`` keeps at most
 ``K = floor(d * m * n)`` entries (a product within ``1e-9`` relative of an integer
-counts as that integer, so ``0.29 * 100`` gives 29). Exactly ``K`` entries are kept
-unless some kept weights are exactly zero (e.g. dead inputs).
+counts as that integer, so ``0.29 * 100`` gives 29). The budget is spent: exactly ``K``
+nonzeros are kept, ties broken by position, unless the remaining weights provably cannot
+change the calibrated output -- weights of dead inputs (a zero Gram diagonal: SparseGPT
+zeroes them and gives their share of the budget to the live inputs), or entries where
+``W`` is zero for the methods that keep ``W``'s values (magnitude, Wanda). Every result
+says how much of the budget went unused and why: ``unspent_budget_`` (0 when spent) and
+``budget_note_`` (empty when spent).
 
 N:M convention: ``n_m=(N, M)`` keeps ``N`` of every ``M`` consecutive inputs of each
 output row (the sparse-tensor-core layout; 2:4 keeps half). The pattern fixes the
@@ -60,17 +65,60 @@ _SPARSEGPT_PANEL = 16
 
 # ---------------------------------------------------------------------- helpers
 class _SparseWeightCompressor(BaseCompressor):
-    """Shared storage of the single-sparse compressors: ``weight_`` (CSR) and the dense result."""
+    """Shared storage of the single-sparse compressors: ``weight_`` (CSR) and the dense result.
 
-    def _sparse_result(self, pruned: Any, engine: Any) -> FitOutput:
+    Also the budget report of every single-sparse result: ``unspent_budget_`` (entries of
+    the budget not kept as nonzeros) and ``budget_note_`` (why; empty when spent).
+    """
+
+    #: ``weight_`` holds the one factor (rescaled with it by :meth:`BaseCompressor.fit`).
+    _factor_attributes = (("weight_",),)
+    #: Whether the method changes the kept weights (then only dead inputs can leave budget unused).
+    _updates_weights = False
+
+    def _sparse_result(self, pruned: Any, engine: Any, *, budget: int, W: Any, gram: Any) -> FitOutput:
         self.weight_ = engine.to_sparse(pruned)
-        return FitOutput(factors=(pruned,), nnz=int(self.weight_.nnz))
+        nnz = int(self.weight_.nnz)
+        self.unspent_budget_ = max(int(budget) - nnz, 0)
+        self.budget_note_ = ""
+        if self.unspent_budget_:
+            self.budget_note_ = self._budget_note(nnz, int(budget), W, gram, engine)
+        return FitOutput(factors=(pruned,), nnz=nnz)
+
+    def _budget_note(self, nnz: int, budget: int, W: Any, gram: Any, engine: Any) -> str:
+        """Why ``budget - nnz`` entries of the budget are not nonzeros of the result."""
+        xp = engine.xp
+        m, n = W.shape
+        unspent = budget - nnz
+        reasons = []
+        if gram is not None:
+            dead = int(xp.sum(xp.astype(_gram_diagonal(engine, gram) <= 0, xp.int64)))
+            if dead:
+                reason = (
+                    f"{dead} of the {n} inputs are dead (zero Gram diagonal): their {m * dead} weights "
+                    "cannot change the calibrated output"
+                )
+                if self._updates_weights and budget > m * (n - dead):
+                    reason += f", and the other {m * (n - dead)} weights are all that is worth keeping"
+                reasons.append(reason)
+        zeros = int(xp.sum(xp.astype(W == 0, xp.int64)))
+        if zeros and not self._updates_weights:
+            reasons.append(f"W has {zeros} zero entries and {type(self).__name__} keeps W's values")
+        if getattr(self, "n_m", None) is not None:
+            reasons.append("the N:M pattern fixes which entries of each group are kept")
+        if not reasons:
+            reasons.append("the optimal values of some kept weights are exactly zero")
+        return f"{unspent} of the {budget} budgeted weights are zero: " + "; ".join(reasons)
 
 
 _SHARED_PARAMETERS = {
     **BaseCompressor._parameter_constraints,
     "density": [Interval(Real, 0, 1, closed="right")],
 }
+
+
+def _count_nonzero(xp: Any, a: Any) -> int:
+    return int(xp.sum(xp.astype(a != 0, xp.int64)))
 
 
 def _gram_diagonal(engine: Any, gram: Any) -> Any:
@@ -142,11 +190,14 @@ class MagnitudePruning(_SparseWeightCompressor):
         scores = xp.abs(W)
         if n_m is not None:
             mask = engine.n_m_mask(scores, *n_m)
+            budget = m * n * n_m[0] // n_m[1]
         elif self.scope == "matrix":
-            mask = engine.topk_mask(scores, kept_budget(self.density, m * n))
+            budget = kept_budget(self.density, m * n)
+            mask = engine.topk_mask(scores, budget)
         else:
             mask = engine.row_topk_mask(scores, kept_budget(self.density, n))
-        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine)
+            budget = m * kept_budget(self.density, n)
+        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine, budget=budget, W=W, gram=gram)
 
 
 # ---------------------------------------------------------------------- Wanda
@@ -233,12 +284,34 @@ class Wanda(_SparseWeightCompressor):
             scores = scores * xp.sqrt(xp.clip(norms_sq, 0.0, None))[None, :]
         if n_m is not None:
             mask = engine.n_m_mask(scores, *n_m)
+            budget = m * n * n_m[0] // n_m[1]
         else:
-            mask = engine.row_budget_mask(scores, kept_budget(self.density, m * n))
-        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine)
+            budget = kept_budget(self.density, m * n)
+            mask = engine.row_budget_mask(scores, budget)
+        return self._sparse_result(xp.where(mask, W, xp.zeros_like(W)), engine, budget=budget, W=W, gram=gram)
 
 
 # ---------------------------------------------------------------------- SparseGPT
+def _live_budget(n: int, dead: np.ndarray, kept: int, m: int):
+    """``i -> `` entries of the budget for columns ``[0, i)``: shares in proportion to live columns.
+
+    Without dead inputs this is ``floor(kept * i / n)`` (the blocks' shares of ``kept`` in
+    proportion to their widths). Dead inputs' weights are zeroed, so their share goes to
+    the live ones: ``floor(K' * live(i) / L)`` with ``L`` live columns, ``live(i)`` of them
+    before ``i`` and ``K' = min(kept, m L)``; no block is given more than its live entries.
+    """
+    if dead.size == 0:
+        return lambda i: kept * i // n
+    live = np.ones(n, dtype=np.int64)
+    live[dead] = 0
+    before = np.concatenate(([0], np.cumsum(live)))
+    total = int(before[-1])
+    if total == 0:
+        return lambda i: 0
+    spendable = min(int(kept), m * total)
+    return lambda i: spendable * int(before[i]) // total
+
+
 def sparsegpt_prune(
     W: np.ndarray,
     gram: np.ndarray | None,
@@ -284,6 +357,7 @@ def sparsegpt_prune(
     work[dead] = 0.0
     diag[dead] = 1.0
     ridge = damping * float(np.mean(diag))
+    budget_at = _live_budget(diag.size, dead, kept, m)
 
     def reversed_hessian(precision: np.dtype) -> np.ndarray:
         # J (G + lambda I) J with dead inputs' diagonal set to 1, built in one copy.
@@ -318,8 +392,12 @@ def sparsegpt_prune(
         if n_m is None:
             # Adaptive mask: joint over the m x B block, on the weights updated so far
             # (ranking by |w| / U_qq is ranking by the OBS error w^2 / U_qq^2).
-            block_kept = kept * i2 // n - kept * i1 // n
-            keep = global_topk_mask(np.multiply(np.abs(work[i1:i2]), inv_block), block_kept)
+            block_kept = budget_at(i2) - budget_at(i1)
+            scores = np.multiply(np.abs(work[i1:i2]), inv_block)
+            if dead.size:  # dead inputs' weights are zero: never spend budget on them
+                dead_here = dead[(dead >= i1) & (dead < i2)] - i1
+                scores[dead_here] = -1.0
+            keep = global_topk_mask(scores, block_kept)
             np.multiply(~keep, inv_block, out=prune_coef)
         else:
             keep = np.empty((width, m), dtype=bool)
@@ -385,6 +463,8 @@ def sparsegpt_prune_portable(
     dead = diag <= 0
     work = W * xp.astype(~dead, W.dtype)[None, :]
     ridge = damping * float(xp.mean(xp.where(dead, xp.ones_like(diag), diag)))
+    dead_host = np.flatnonzero(to_numpy(dead))
+    budget_at = _live_budget(n, dead_host, kept, m)
     hessian = engine.eye(n, W) if gram is None else gram
     # dead inputs have zero rows and columns in G: their diagonal becomes 1, then the ridge
     hessian = hessian + (xp.astype(dead, W.dtype) + ridge)[:, None] * engine.eye(n, W)
@@ -399,8 +479,11 @@ def sparsegpt_prune_portable(
         errors = xp.zeros((m, i2 - i1), dtype=W.dtype, device=device)
         keep = None
         if n_m is None:
-            block_kept = kept * i2 // n - kept * i1 // n
-            keep = engine.topk_mask((block / piv[None, :]) ** 2, block_kept)
+            block_kept = budget_at(i2) - budget_at(i1)
+            scores = (block / piv[None, :]) ** 2
+            if dead_host.size:  # never spend budget on dead inputs (their weights are zero)
+                scores = xp.where(dead[i1:i2][None, :], -xp.ones_like(scores), scores)
+            keep = engine.topk_mask(scores, block_kept)
         for j in range(i2 - i1):
             if n_m is not None and j % n_m[1] == 0:
                 group = (block[:, j : j + n_m[1]] / piv[None, j : j + n_m[1]]) ** 2
@@ -436,6 +519,10 @@ class SparseGPT(_SparseWeightCompressor):
     columns ``[i1, i2)`` keeps ``floor(K i2 / n) - floor(K i1 / n)`` of its entries (the
     blocks' shares of ``K`` in proportion to their widths, summing to ``K``). The
     reference code prunes ``floor((1 - density) m B) + 1`` entries per block instead.
+    Dead inputs' weights are zero, so the shares follow the live columns instead
+    (``floor(K live(i2) / L) - floor(K live(i1) / L)`` with ``L`` live columns, ``live(i)``
+    of them before ``i``): the budget is spent on live weights, and only when ``K``
+    exceeds all ``m L`` of them is part of it unused (``unspent_budget_``).
     With ``n_m=(N, M)``, each row keeps ``N`` of every ``M`` consecutive columns, chosen
     when the loop reaches the group, on its current weights (the block size is rounded
     up to a multiple of ``M``).
@@ -461,6 +548,10 @@ class SparseGPT(_SparseWeightCompressor):
         The pruned and compensated weights.
     calibrated_err_, reconstruction_err_, density_, nnz_, backend_, n_features_in_
         As for :class:`Wanda`.
+    unspent_budget_ : int
+        Budgeted entries not kept as nonzeros (only with dead inputs, see above).
+    budget_note_ : str
+        Why (empty when the budget is spent).
 
     Notes
     -----
@@ -509,10 +600,13 @@ class SparseGPT(_SparseWeightCompressor):
         self.n_m = n_m
         self.backend = backend
 
+    _updates_weights = True
+
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         m, n = W.shape
         n_m = check_n_m(self.n_m, self.density, n)
         kept = kept_budget(self.density, m * n)
+        budget = kept if n_m is None else m * n * n_m[0] // n_m[1]
         try:
             if engine.name == "numpy_numba":
                 pruned = sparsegpt_prune(
@@ -524,10 +618,18 @@ class SparseGPT(_SparseWeightCompressor):
                     engine, W, gram, kept=kept, block_size=self.block_size, damping=self.damping, n_m=n_m
                 )
         except np.linalg.LinAlgError as exc:
+            if self.damping == 0:
+                advice = "use damping > 0 (the default is 0.01): a singular Gram needs it"
+            else:
+                advice = (
+                    f"with damping={self.damping} this means the calibration Gram is not positive "
+                    "semidefinite (build it as X^T X; Calibration.from_gram checks this) or is too "
+                    "ill-conditioned for this dtype (increase damping or fit in float64)"
+                )
             raise np.linalg.LinAlgError(
-                f"SparseGPT: G + lambda I is not positive definite ({exc}); use damping > 0"
+                f"SparseGPT: G + lambda I is not positive definite in {W.dtype} ({exc}); {advice}"
             ) from exc
-        return self._sparse_result(pruned, engine)
+        return self._sparse_result(pruned, engine, budget=budget, W=W, gram=gram)
 
 
 # ---------------------------------------------------------------------- ADMM
@@ -554,8 +656,10 @@ class ADMMPruning(_SparseWeightCompressor):
     ``density`` are then not used).
 
     Budget rule: the final mask keeps exactly ``K = floor(density * m * n)`` entries
-    (the entries of ``|Y + U|`` strictly above its ``(m n - K)``-th smallest value;
-    ties can only keep fewer).
+    (the entries of ``|Y + U|`` strictly above its ``(m n - K)``-th smallest value). Where
+    ties at that value would keep fewer (constant or boolean ``W``, repeated values), the
+    iterations are rerun with exact top-``K`` masks, ties broken by position, so the budget
+    is spent; ``unspent_budget_`` counts kept weights whose optimal value is exactly zero.
 
     Parameters
     ----------
@@ -586,6 +690,8 @@ class ADMMPruning(_SparseWeightCompressor):
         As for :class:`Wanda`.
     backend_ : str
         Engine that ran.
+    unspent_budget_, budget_note_
+        As for :class:`SparseGPT` (the budget is ``K``, or the size of a fixed ``mask``).
 
     References
     ----------
@@ -650,6 +756,8 @@ class ADMMPruning(_SparseWeightCompressor):
             mask = mask != 0
         return mask
 
+    _updates_weights = True
+
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         xp = engine.xp
         m, n = W.shape
@@ -660,7 +768,14 @@ class ADMMPruning(_SparseWeightCompressor):
         ridge = self.damping * float(xp.mean(engine.diag(system)))
         start = engine.copy((W * scale[None, :]).T)  # n x m: W~0
         cross = engine.matmul(system, start) + ridge * start  # C = G~_l W~0
-        inverse = engine.spd_inverse(system, ridge + self.rho)
+        try:
+            inverse = engine.spd_inverse(system, ridge + self.rho)
+        except np.linalg.LinAlgError as exc:
+            raise np.linalg.LinAlgError(
+                f"ADMMPruning: G~ + (l + rho) I is not positive definite in {W.dtype} ({exc}): with "
+                f"rho={self.rho} > 0 this means the calibration Gram is not positive semidefinite "
+                "(build it as X^T X; Calibration.from_gram checks this)"
+            ) from exc
         y_cur = engine.copy(start)
         u = engine.zeros(start.shape, start)
         total, kept = m * n, kept_budget(self.density, m * n)
@@ -676,13 +791,45 @@ class ADMMPruning(_SparseWeightCompressor):
         def index_at(t: int) -> int:
             return total - self._kept_at(t, n_select, kept, total) - 1
 
+        def solve(rhs: Any) -> Any:
+            return engine.matmul(inverse, rhs)
+
         # The reference order: n_iter x-steps, then a final z-step (n_iter + 1 z-steps).
         out, _ = admm_loop(
-            engine, lambda rhs: engine.matmul(inverse, rhs), cross, y_cur, u, support,
+            engine, solve, cross, y_cur, u, support,
             threshold_index=index_at, rho=self.rho, n_iter=self.n_iter + 1, mask_iter=n_select,
         )
+        if fixed is None and _count_nonzero(xp, out) < kept:
+            # Ties at the threshold kept fewer than K (constant or boolean W, repeated
+            # values): rerun with exact top-K masks, ties broken by position.
+            out = self._tie_broken_loop(
+                engine, solve, cross, start, n_select, lambda t: self._kept_at(t, n_select, kept, total)
+            )
+        budget = kept if fixed is None else int(fixed.sum())
         pruned = engine.copy(engine.unscale_rows(out, scale).T)
-        return self._sparse_result(pruned, engine)
+        return self._sparse_result(pruned, engine, budget=budget, W=W, gram=gram)
+
+    def _tie_broken_loop(
+        self, engine: Any, solve: Any, cross: Any, start: Any, n_select: int, kept_at: Any
+    ) -> Any:
+        """The iterations of :func:`sparsefact.admm.admm_loop` with exact top-k masks (ties by position)."""
+        xp = engine.xp
+        y = engine.copy(start)
+        u = engine.zeros(start.shape, start)
+        mask = None
+        steps = self.n_iter + 1
+        out = y
+        for t in range(steps):
+            last = t == steps - 1
+            if t < n_select:
+                v = engine.add(y, u)
+                mask = engine.topk_mask(xp.abs(v), kept_at(t))
+                mask, u, out = engine.admm_update(v, u, cross, mask, self.rho, last, None, True)
+            else:
+                mask, u, out = engine.admm_update(y, u, cross, mask, self.rho, last)
+            if not last:
+                y = solve(out)
+        return out
 
 
 __all__ = [

@@ -43,7 +43,7 @@ import array_api_compat
 import numpy as np
 
 from ._sklearn_compat import Interval, StrOptions, check_is_fitted
-from ._validation import convert_to_namespace, to_numpy
+from ._validation import convert_to_namespace, scale_by_power_of_two, to_numpy
 from .base import BaseCompressor, FitOutput
 
 __all__ = [
@@ -484,6 +484,10 @@ class MonarchFactorization(BaseCompressor):
             return int(self.n_blocks)
         return monarch_blocks_for_density(self.density, m, n)
 
+    def _rescale_fitted(self, w_exponent: int, gram_exponent: int) -> None:
+        # W = W_fit * 2**w (BaseCompressor's exact scaling of extreme inputs): the left blocks carry it
+        self.blocks_left_ = scale_by_power_of_two(self.blocks_left_, w_exponent)
+
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         values = _as_float64(W)
         m, n = values.shape
@@ -920,6 +924,12 @@ class ButterflyFactorization(BaseCompressor):
         if self.density is not None:
             return butterfly_block_size_for_density(self.density, m, n)
         return _next_power_of_two(min(m, n))
+
+    def _rescale_fitted(self, w_exponent: int, gram_exponent: int) -> None:
+        # W = W_fit * 2**w: the first stage of every butterfly carries the scale
+        xp = array_api_compat.array_namespace(self.twiddles_)
+        tw = self.twiddles_
+        self.twiddles_ = xp.concat([scale_by_power_of_two(tw[:, :1], w_exponent), tw[:, 1:]], axis=1)
 
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         values = _as_float64(W)

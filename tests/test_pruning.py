@@ -140,11 +140,17 @@ def _naive_sparsegpt(W, G, kept, block, damping, n_m=None):
         inv = np.linalg.inv(H[q:, q:])
         U[q, q:] = inv[0] / np.sqrt(inv[0, 0])
     keep = np.zeros((m, n), dtype=bool)
+    # the budget follows the live columns: dead inputs' weights are zero and get no share
+    live_before = np.concatenate(([0], np.cumsum(~dead)))
+    n_live = int(live_before[-1])
+    spendable = min(kept, m * n_live)
     for q in range(n):
         if n_m is None and q % block == 0:
             q2 = min(q + block, n)
             scores = (W[:, q:q2] / np.diag(U)[q:q2]) ** 2
-            keep[:, q:q2] = global_topk_mask(scores, kept * q2 // n - kept * q // n)
+            scores[:, dead[q:q2]] = -1.0
+            share = spendable * int(live_before[q2]) // n_live - spendable * int(live_before[q]) // n_live
+            keep[:, q:q2] = global_topk_mask(scores, share)
         if n_m is not None and q % n_m[1] == 0:
             q2 = q + n_m[1]
             keep[:, q:q2] = n_m_mask((W[:, q:q2] / np.diag(U)[q:q2]) ** 2, *n_m)
@@ -168,6 +174,8 @@ def test_sparsegpt_matches_unbatched_obs_reference(m, n, block, n_m):
     expected = _naive_sparsegpt(W, G, kept, block, 0.01, n_m)
     np.testing.assert_allclose(got, expected, atol=1e-10)
     assert not got[:, 3].any()
+    if n_m is None:  # the dead input's share of the budget went to live weights
+        assert np.count_nonzero(got) == kept
 
 
 def test_upper_cholesky_of_inverse():

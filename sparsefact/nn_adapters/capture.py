@@ -340,7 +340,7 @@ class ActivationCapture:
             return Calibration.from_diag(self._accumulated(name).cpu().numpy(), n_samples=n_tokens)
         gram = self.gram(name)
         gram = 0.5 * (gram + gram.T)
-        return Calibration.from_gram(gram.cpu().numpy(), n_samples=n_tokens)
+        return Calibration.from_gram(gram.cpu().numpy(), n_samples=n_tokens, check_psd=False)  # X^T X: PSD
 
     def calibrations(self) -> dict[str, Calibration]:
         """``{layer name: Calibration}`` for every hooked layer."""
