@@ -990,6 +990,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("-q", "--quiet", action="store_true", help="print only the table")
 
+    from .experiments import networks as _networks  # its option part imports no torch
+
+    _networks.add_arguments(sub.add_parser(
+        "networks",
+        help="pruning at initialisation vs post-training DSF and its peers on an MLP and a CNN",
+        description="The network study (issue 13): Fashion-MNIST (Debian dataset-fashion-mnist) or "
+        "scikit-learn's digits, a 6-layer MLP and a VGG-style CNN with dense or butterfly heads, densities "
+        "10^-k; PaI scorers (prune, then train) against post-training DSF, SparseGPT, Wanda, magnitude. "
+        "--quick for a reduced run.",
+    ))
+
     meth = sub.add_parser(
         "methods",
         help="list the registered compression methods",
@@ -1091,6 +1102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "compress":
         return _main_compress(args)
+    if args.command == "networks":
+        from .experiments import networks
+
+        return networks.run_from_args(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
     return 2  # pragma: no cover
 
