@@ -647,6 +647,8 @@ def compress_model(
             _check_layer_params(method, params, density, targets)
             if statistic != "none" and calibration_data is not None and not _reiterable(calibration_data):
                 calibration_data = list(iter_batches(calibration_data))  # read more than once below
+            if client is not None and progress:
+                _print_memory_estimate(model, targets, spec)
             checkpoint = None
             if checkpoint_dir is not None:
                 checkpoint = LayerCheckpoint(checkpoint_dir, _manifest(
@@ -815,3 +817,16 @@ def _offload_store(offload: Any, run: _Run, block_name: str, block: nn.Module) -
     run.originals[:] = [o for o in run.originals if o[0] is not block]
     for container, name, module, _ in reversed(mine):
         replace_module(container, name, module.to("meta"))
+
+
+def _print_memory_estimate(model: nn.Module, targets: list[str], spec: MethodSpec) -> None:
+    """Print (stderr) the estimated peak memory of one fit of the largest layer, for sizing workers."""
+    import sys
+
+    from ..parallel import estimate_memory
+
+    modules = dict(model.named_modules())
+    shapes = [tuple(int(s) for s in layer_matrix(modules[name]).shape) for name in targets]
+    largest = max(shapes, key=lambda s: estimate_memory(s, spec.name))
+    print(f"sparsefact: each Dask worker needs about {estimate_memory(largest, spec.name) / 2**30:.2f} GiB "
+          f"for one fit of the largest layer {largest[0]}x{largest[1]} ({spec.name})", file=sys.stderr)
