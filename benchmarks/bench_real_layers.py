@@ -27,7 +27,9 @@ Outputs in ``--out`` (default ``benchmarks/results/real_layers/``):
   (``compare``'s fields plus layer, shape, target density, parameters, convergence
   warnings) and the skips. Written after every layer, so ``--resume`` continues a long run.
 * ``summary.md``: mean calibrated and held-out error per method and density, on how many
-  layers dsf / dsf-exact beat each baseline on held-out error, seconds per method.
+  layers each DSF variant beats each baseline on held-out error, the quality preset against
+  the reference (error and time ratios), the issue-16 goals with their measured figures,
+  seconds per method.
 * ``heldout_vs_density.png``, ``dsf_vs_best_sparse.png``: matplotlib figures.
 
 Fits run with ``--threads`` (default 1) Numba/BLAS/torch threads, which is fastest on
@@ -38,6 +40,11 @@ busy shared cores. Usage::
     python benchmarks/bench_real_layers.py --max-layers 2 --densities 0.5 --max-iter 4 \\
         --out /tmp/real_tiny                                       # smoke test
     python benchmarks/bench_real_layers.py --report-only           # redo summary/figures
+    python benchmarks/bench_real_layers.py --resume --layers 'layer[.]0[.]' --densities 0.3,0.5 \
+        --methods dsf,dsf-quality                                  # a subset (see --help)
+
+``--max-iter`` sets the first (reference) stage of every DSF method; the quality preset's later
+stages keep their own iteration counts.
 """
 
 from __future__ import annotations
@@ -61,15 +68,43 @@ from typing import Any
 
 import numpy as np
 
-from sparsefact.compare import METHODS, compare
+from sparsefact import DoubleSparseFactorization, SparseGPT, Wanda
+from sparsefact.methods import available_methods, make_estimator, register_method
+from sparsefact.metrics import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "real_layers"
 JSON_NAME = "real_layers.json"
-DEFAULT_DENSITIES = (0.2, 0.3, 0.5, 0.7)
+DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
+#: the default of ``add_common_arguments`` (bench_synthetic.py's methods)
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "lowrank", "dsf", "dsf-exact")
-DSF_METHODS = ("dsf", "dsf-exact")
+REAL_METHODS = (
+    "magnitude", "wanda", "sparsegpt", "admm", "dsf", "dsf-quality",
+    "wanda-2:4", "sparsegpt-2:4", "dsf-2:4", "dsf-quality-2:4",
+)
+#: the benchmark's own registry entries (parameters of registered classes, no new code)
+EXTRA_METHODS = {
+    "dsf-quality": (DoubleSparseFactorization, {"preset": "quality"}),
+    "dsf-2:4": (DoubleSparseFactorization, {"n_m": (2, 4)}),
+    "dsf-quality-2:4": (DoubleSparseFactorization, {"preset": "quality", "n_m": (2, 4)}),
+    "wanda-2:4": (Wanda, {"n_m": (2, 4)}),
+    "sparsegpt-2:4": (SparseGPT, {"n_m": (2, 4)}),
+    "dsf-quality-search": (DoubleSparseFactorization, {"preset": "quality", "split": "search"}),
+}
+for _name, (_cls, _params) in EXTRA_METHODS.items():
+    if _name not in available_methods(kind=None):
+        register_method(_name, _cls, params=_params, description=f"benchmark entry: {_params}")
+#: methods run at these densities only (2:4 keeps half the weights; the split search is a
+#: check of the density where the reference split gives the square factor 80% of the budget)
+ONLY_DENSITIES = {
+    "wanda-2:4": (0.5,), "sparsegpt-2:4": (0.5,), "dsf-2:4": (0.5,), "dsf-quality-2:4": (0.5,),
+    "dsf-quality-search": (0.2,),
+}
+DSF_METHODS = ("dsf", "dsf-exact", "dsf-quality", "dsf-quality-search", "dsf-2:4", "dsf-quality-2:4")
 SINGLE_SPARSE = ("magnitude", "wanda", "sparsegpt", "admm")
+N_M_BASELINES = ("wanda-2:4", "sparsegpt-2:4")
+#: attributes of a fitted DSF recorded with each fit
+DSF_ATTRIBUTES = ("n_components_", "split_", "reference_err_", "preset_fallback_", "single_sparse_")
 SCATTER_DENSITY = 0.5
 # Settings that must match for --resume to mix old and new records.
 RESUME_SETTINGS = ("max_iter", "n_calib", "n_eval", "max_length", "batch_size", "play")
@@ -83,13 +118,18 @@ def csv_floats(text: str) -> list[float]:
 
 def csv_methods(text: str) -> list[str]:
     methods = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    known = available_methods(kind=None)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; available: {sorted(known)}")
     return methods
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_densities: Sequence[float]) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    default_densities: Sequence[float],
+    default_methods: Sequence[str] = DEFAULT_METHODS,
+) -> None:
     parser.add_argument(
         "--densities",
         type=csv_floats,
@@ -99,8 +139,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_densities: Seq
     parser.add_argument(
         "--methods",
         type=csv_methods,
-        default=list(DEFAULT_METHODS),
-        help=f"comma-separated methods from {sorted(METHODS)} (default: all)",
+        default=list(default_methods),
+        help="comma-separated registered method names (default: %(default)s)",
     )
     parser.add_argument(
         "--max-iter",
@@ -123,7 +163,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_densities: Seq
 
 
 def method_params(methods: Iterable[str], max_iter: int | None) -> dict[str, dict]:
-    """``compare``'s ``params``: ``max_iter`` for the DSF methods only."""
+    """Constructor parameters per method: ``max_iter`` for the DSF methods only."""
     if max_iter is None:
         return {}
     return {m: {"max_iter": int(max_iter)} for m in methods if m in DSF_METHODS}
@@ -156,25 +196,41 @@ def thread_limit(threads: int | None) -> Iterator[None]:
 def fit_one(
     W: Any, calibration: Any, heldout: Any, density: float, method: str, params: dict[str, dict]
 ) -> tuple[dict | None, str | None]:
-    """One ``compare`` fit: ``(record, None)``, or ``(None, message)`` when it raises ValueError."""
+    """One fit: ``(record, None)``, or ``(None, message)`` when it raises ValueError.
+
+    The record has the fields of :func:`sparsefact.compare` (``method``, ``density``,
+    ``nnz``, ``error``, ``heldout_error``, ``plain_error``, ``seconds``) plus
+    ``cpu_seconds`` and, for DSF, :data:`DSF_ATTRIBUTES`.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            rows = compare(
-                W,
-                calibration=calibration,
-                heldout_calibration=heldout,
-                density=density,
-                methods=[method],
-                params=params,
-                as_frame=False,
-            )
+            est = make_estimator(method, density, params.get(method, {}))
+            start, cpu_start = time.perf_counter(), time.process_time()
+            est.fit(W, calibration=calibration)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         except ValueError as exc:
             return None, str(exc)
-    record = dict(rows[0])
-    record["method"] = method
-    record["target_density"] = float(density)
-    record["params"] = params.get(method, {})
+    W_hat = np.asarray(est.reconstruct(), dtype=np.float64)
+    W64 = np.asarray(W, dtype=np.float64)
+    record = {
+        "method": method,
+        "density": float(est.density_),
+        "nnz": int(est.nnz_),
+        "error": float(est.calibrated_err_),
+        "heldout_error": None
+        if heldout is None
+        else relative_error(W64, W_hat, np.asarray(heldout.gram(), dtype=np.float64)),
+        "plain_error": float(est.reconstruction_err_),
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "target_density": float(density),
+        "params": params.get(method, {}),
+    }
+    for attr in DSF_ATTRIBUTES:
+        if hasattr(est, attr):
+            value = getattr(est, attr)
+            record[attr.rstrip("_")] = value.item() if hasattr(value, "item") else value
     # NaN/inf errors (a diverged fit) become None, so they drop out of means and win counts
     # and the JSON stays strict; the record says which fields were non-finite.
     nonfinite = [
@@ -338,12 +394,25 @@ def wins_table(records: list[dict], unit: str, key: str = "heldout_error") -> st
     densities = present_densities(records)
     methods = present_methods(records)
     challengers = [m for m in DSF_METHODS if m in methods]
-    baselines = [m for m in methods if m not in DSF_METHODS]
+    structured = [m for m in N_M_BASELINES if m in methods]
+    baselines = [m for m in methods if m not in DSF_METHODS and m not in N_M_BASELINES]
     sparse = [m for m in SINGLE_SPARSE if m in methods]
-    pairs = [("dsf-exact", "dsf")] if "dsf" in challengers and "dsf-exact" in challengers else []
-    comparisons = [(c, b) for c in challengers for b in baselines]
+    pairs = [
+        (a, b)
+        for a, b in (
+            ("dsf-exact", "dsf"), ("dsf-quality", "dsf"), ("dsf-quality-search", "dsf-quality"),
+            ("dsf-quality-2:4", "dsf-2:4"),
+        )
+        if a in challengers and b in challengers
+    ]
+    comparisons = []
+    for c in challengers:
+        if c.endswith("2:4"):
+            comparisons += [(c, b) for b in structured]
+        else:
+            comparisons += [(c, b) for b in baselines]
     if sparse:
-        comparisons += [(c, "best single-sparse") for c in challengers]
+        comparisons += [(c, "best single-sparse") for c in challengers if not c.endswith("2:4")]
     comparisons += pairs
     if not comparisons:
         return "(no DSF method or no baseline in the records)"
@@ -369,7 +438,7 @@ def wins_table(records: list[dict], unit: str, key: str = "heldout_error") -> st
 
 
 def seconds_table(records: list[dict]) -> str:
-    """Markdown table: total and mean seconds per fit for each method (and fits per density)."""
+    """Markdown table: total and mean (CPU, where recorded) seconds per fit for each method."""
     densities = present_densities(records)
     lines = [
         "| method | fits | total s | mean s/fit | " + " | ".join(f"s @ d={d:g}" for d in densities) + " |",
@@ -377,19 +446,115 @@ def seconds_table(records: list[dict]) -> str:
     ]
     for method in present_methods(records):
         rows = [r for r in records if r["method"] == method]
-        total = sum(r["seconds"] for r in rows)
-        per_density = [sum(r["seconds"] for r in _select(records, method, d)) for d in densities]
+        total = sum(r.get("cpu_seconds", r["seconds"]) for r in rows)
+        per_density = [
+            sum(r.get("cpu_seconds", r["seconds"]) for r in _select(records, method, d)) for d in densities
+        ]
         lines.append(
             f"| {method} | {len(rows)} | {total:.1f} | {total / max(len(rows), 1):.2f} | "
             + " | ".join(f"{s:.1f}" for s in per_density)
             + " |"
         )
-    total = sum(r["seconds"] for r in records)
+    total = sum(r.get("cpu_seconds", r["seconds"]) for r in records)
     lines.append(
         f"| **all** | {len(records)} | {total:.1f} | {total / max(len(records), 1):.2f} |"
         + " |" * len(densities)
     )
     return "\n".join(lines)
+
+
+def _pair_stats(records: list[dict], mine: str, theirs: str, d: float) -> dict[str, Any] | None:
+    """Held-out means, ratios, wins and CPU time of ``mine`` against ``theirs`` at density ``d``."""
+    recs = [{**r, "_unit": r["layer"]} for r in records]
+    a = _by_unit(recs, mine, d, "heldout_error")
+    b = _by_unit(recs, theirs, d, "heldout_error")
+    units = sorted(set(a) & set(b))
+    if not units:
+        return None
+
+    def cpu(method: str) -> float:
+        rows = [r for r in _select(records, method, d) if r["layer"] in units]
+        return sum(r.get("cpu_seconds", r["seconds"]) for r in rows)
+
+    mean_a = float(np.mean([a[u] for u in units]))
+    mean_b = float(np.mean([b[u] for u in units]))
+    fallbacks = sum(bool(r.get("preset_fallback")) for r in _select(records, mine, d))
+    single = sum(bool(r.get("single_sparse")) for r in _select(records, mine, d))
+    return {
+        "n": len(units),
+        "mine": mean_a,
+        "theirs": mean_b,
+        "ratio": mean_a / mean_b if mean_b else math.nan,
+        "layer_ratio": float(np.mean([a[u] / b[u] for u in units if b[u]])),
+        "wins": sum(a[u] < b[u] for u in units),
+        "time_ratio": cpu(mine) / max(cpu(theirs), 1e-12),
+        "fallbacks": fallbacks,
+        "single_sparse": single,
+    }
+
+
+def quality_table(records: list[dict]) -> str:
+    """The quality preset against the reference, per density (held-out error and CPU time)."""
+    lines = [
+        "| pair | density | layers | mean held-out (first) | mean (second) | ratio of means | "
+        "mean per-layer ratio | quality better | CPU time ratio | preset fallbacks | single-sparse |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    pairs = (("dsf-quality", "dsf"), ("dsf-quality-search", "dsf"), ("dsf-quality-2:4", "dsf-2:4"))
+    for mine, theirs in pairs:
+        for d in present_densities(records):
+            st = _pair_stats(records, mine, theirs, d)
+            if st is None:
+                continue
+            lines.append(
+                f"| {mine} / {theirs} | {d:g} | {st['n']} | {fmt(st['mine'])} | {fmt(st['theirs'])} | "
+                f"{st['ratio']:.3f} | {st['layer_ratio']:.3f} | {st['wins']}/{st['n']} | "
+                f"{st['time_ratio']:.2f} | {st['fallbacks']} | {st['single_sparse']} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else "(no dsf-quality records)"
+
+
+def goals_text(records: list[dict]) -> str:
+    """The goals of issue 16 with the measured figures (met / missed)."""
+    out = []
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    def enough(wins: int, n: int, of_37: int) -> bool:
+        """``wins`` reaches the goal ``of_37``/37 scaled to ``n`` layers."""
+        return wins >= math.ceil(of_37 * n / 37 - 1e-9)
+
+    for d, target in ((0.5, 0.80), (0.3, 0.85)):
+        st = _pair_stats(records, "dsf-quality", "dsf", d)
+        if st is None:
+            continue
+        ok = st["ratio"] <= target and st["time_ratio"] <= 2.0 and enough(st["wins"], st["n"], 35)
+        out.append(
+            f"- Quality preset at d={d:g}: held-out {fmt(st['mine'])} vs {fmt(st['theirs'])} = "
+            f"{st['ratio']:.3f}x the reference (goal <= {target:.2f}x), CPU time {st['time_ratio']:.2f}x "
+            f"(goal <= 2x), better on {st['wins']}/{st['n']} layers (goal >= 35/37): {mark(ok)}."
+        )
+    for d in (0.05, 0.1, 0.2):
+        for method in ("dsf", "dsf-quality", "dsf-quality-search"):
+            st = _pair_stats(records, method, "admm", d)
+            if st is None:
+                continue
+            out.append(
+                f"- {method} vs ADMM pruning at d={d:g}: lower held-out error on {st['wins']}/{st['n']} "
+                f"layers (goal >= 30/37), mean {fmt(st['mine'])} vs {fmt(st['theirs'])}: "
+                f"{mark(enough(st['wins'], st['n'], 30))}."
+            )
+    for method in ("dsf-2:4", "dsf-quality-2:4"):
+        st = _pair_stats(records, method, "sparsegpt-2:4", 0.5)
+        if st is None:
+            continue
+        out.append(
+            f"- {method} vs SparseGPT 2:4 at d=0.5: lower held-out error on {st['wins']}/{st['n']} layers "
+            f"(goal >= 30/37), mean {fmt(st['mine'])} vs {fmt(st['theirs'])}: "
+            f"{mark(enough(st['wins'], st['n'], 30))}."
+        )
+    return "\n".join(out) if out else "(not enough records for the goals)"
 
 
 def nonfinite_text(records: list[dict], unit: str) -> str:
@@ -582,6 +747,9 @@ def run(args: argparse.Namespace) -> dict:
             for method in args.methods:
                 if (name, round(float(density), 6), method) in done:
                     continue
+                only = ONLY_DENSITIES.get(method)
+                if only is not None and all(abs(d - float(density)) > 1e-9 for d in only):
+                    continue
                 with thread_limit(args.threads):
                     record, reason = fit_one(
                         W, prep["calibrations"][name], prep["heldouts"][name], density, method, params
@@ -621,7 +789,8 @@ def summary_markdown(data: dict) -> str:
         "# DSF vs baselines on the linear layers of all-MiniLM-L6-v2",
         "",
         f"{n_layers} layers (of {cal.get('n_linear_layers', '?')} nn.Linear), densities "
-        f"{', '.join(f'{d:g}' for d in present_densities(records))}; dsf/dsf-exact max_iter = "
+        f"{', '.join(f'{d:g}' for d in present_densities(records))} (2:4 methods at 0.5 only); "
+        "DSF max_iter = "
         f"{settings.get('max_iter') or 'default (40)'}.",
         f"Calibration: {c.get('n_sentences', '?')} Hamlet lines ({c.get('n_tokens', '?')} tokens); "
         f"held-out: {h.get('n_sentences', '?')} disjoint lines ({h.get('n_tokens', '?')} tokens); "
@@ -645,7 +814,15 @@ def summary_markdown(data: dict) -> str:
         "",
         wins_table(records, "layer", "heldout_error"),
         "",
-        "## Seconds",
+        "## Quality preset against the reference",
+        "",
+        quality_table(records),
+        "",
+        "## Goals of issue 16",
+        "",
+        goals_text(records),
+        "",
+        "## CPU seconds (one thread per fit)",
         "",
         seconds_table(records),
         "",
@@ -679,7 +856,12 @@ def figures(data: dict, out: Path) -> list[Path]:
             if values:
                 points.append((d, float(np.mean(values))))
         style = "-" if method in DSF_METHODS else "--"
-        ax.plot(*zip(*points, strict=True), style, marker="o", label=method)
+        marker = "*" if method.endswith("2:4") else "o"
+        ax.plot(*zip(*points, strict=True), style, marker=marker, markersize=9 if marker == "*" else 5,
+                label=method)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.set_xticks(densities)
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -688,7 +870,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.set_ylabel("mean relative held-out error")
     ax.set_title(f"all-MiniLM-L6-v2, {len({r['layer'] for r in records})} linear layers")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = out / "heldout_vs_density.png"
     fig.savefig(path, dpi=130)
@@ -697,7 +879,7 @@ def figures(data: dict, out: Path) -> list[Path]:
 
     d = min(densities, key=lambda x: abs(x - SCATTER_DENSITY))
     sparse = [m for m in SINGLE_SPARSE if m in present_methods(records)]
-    challengers = [m for m in DSF_METHODS if m in present_methods(records)]
+    challengers = [m for m in DSF_METHODS if m in present_methods(records) and not m.endswith("2:4")]
     if sparse and challengers:
         per = [{r["layer"]: r["heldout_error"] for r in _select(records, m, d)} for m in sparse]
         best = best_of(per)
@@ -755,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring for the calibration text and the outputs.",
     )
-    add_common_arguments(parser, DEFAULT_DENSITIES)
+    add_common_arguments(parser, DEFAULT_DENSITIES, REAL_METHODS)
     parser.add_argument("--max-layers", type=int, default=None, help="only the first N selected layers")
     parser.add_argument(
         "--layers", default=None, help="regex searched in the layer names (e.g. 'layer\\.0\\.')"

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .masks import NMPattern
+
 NORM_EPS = 1e-8
 
 
@@ -103,8 +105,9 @@ def sparse_least_squares(
     rho, ridge, n_iter, mask_iter : float, float, int, int
         ADMM penalty, relative ridge, inner iterations, iterations that refresh the
         mask.
-    scope : {"global", "column", "row"}
-        One threshold over the whole unknown, one per column, or one per row.
+    scope : {"global", "column", "row"} or NMPattern
+        One threshold over the whole unknown, one per column, one per row, or an N:M
+        projection (``threshold_index`` is then not used).
     counters : SolverCounters, optional
         Receives the work done.
 
@@ -115,8 +118,8 @@ def sparse_least_squares(
     """
     if mask_iter < 1:
         raise ValueError("mask_iter must be >= 1 when no mask is given")
-    if scope not in ("global", "column", "row"):
-        raise ValueError(f"scope must be 'global', 'column' or 'row', got {scope!r}")
+    if not isinstance(scope, NMPattern) and scope not in ("global", "column", "row"):
+        raise ValueError(f"scope must be 'global', 'column', 'row' or an NMPattern, got {scope!r}")
     scale = norms + NORM_EPS
     system = _normalised_system(engine, gram, scale)
     ridge_value = relative_ridge(engine, system, ridge)
@@ -158,16 +161,17 @@ def admm_loop(
     rho: float = 1.0,
     n_iter: int = 5,
     mask_iter: int = 2,
-    scope: str = "global",
+    scope: str | NMPattern = "global",
     counters: SolverCounters | None = None,
 ) -> tuple[Any, Any]:
     """The ADMM iterations shared by every solver: z-step, u-step, x-step.
 
     Each iteration computes ``v = y + u``; in the first ``mask_iter`` iterations it
     re-selects ``mask = |v| > tau`` (``tau`` at ``threshold_index`` of the sorted
-    magnitudes, per ``scope``); then ``z = v * mask``, ``u = v - z`` and, except in the
-    last iteration (whose x-step result would be discarded), ``y = solve(cross +
-    rho (z - u))``.
+    magnitudes, per ``scope``), or, for an :class:`~sparsefact.masks.NMPattern` scope,
+    the ``N`` largest ``|v|`` of every group (the exact N:M projection); then
+    ``z = v * mask``, ``u = v - z`` and, except in the last iteration (whose x-step
+    result would be discarded), ``y = solve(cross + rho (z - u))``.
 
     Parameters
     ----------
@@ -193,7 +197,14 @@ def admm_loop(
     rows, cols = cross.shape
     for i in range(n_iter):
         last = i == n_iter - 1
-        if i < mask_iter:
+        if i < mask_iter and isinstance(scope, NMPattern):
+            v = engine.add(y, u)
+            mask = scope.mask(engine, engine.xp.abs(v))
+            mask, u, out = engine.admm_update(v, u, cross, mask, rho, last, None, True)
+            if counters is not None:
+                counters.selections += 1
+                counters.elementwise_entries += rows * cols
+        elif i < mask_iter:
             index = threshold_index(i) if callable(threshold_index) else threshold_index
             if index < 0:
                 v, tau = engine.add(y, u), -1.0
@@ -275,3 +286,81 @@ def masked_least_squares(
         engine, solve, cross_n, y, u, mask, rho=rho, n_iter=n_iter, mask_iter=0, counters=counters
     )
     return engine.unscale_rows(z, scale)
+
+
+def masked_quadratic_cg(
+    engine: Any,
+    left: Any,
+    right: Any | None,
+    cross: Any,
+    start: Any,
+    mask: Any,
+    *,
+    n_iter: int,
+) -> Any:
+    """Minimise ``tr(X^T A X B) - 2 tr(X^T C)`` over ``X`` zero off ``mask``, by Jacobi-preconditioned CG.
+
+    The exact masked least squares of a DSF factor on a fixed support, against the full
+    calibration Gram: for the output-side factor ``L`` (with ``X = L^T``) ``A = R G R^T``,
+    ``B = I``, ``C = R G W^T``; for the input-side factor ``R`` (``X = R``) ``A = L^T L``,
+    ``B = G``, ``C = L^T W G`` -- a Sylvester-type system that couples all entries of
+    ``R``. Conjugate gradients on the support, warm-started at ``start``, never increase
+    the objective (for a convex quadratic each CG iterate minimises it over a growing
+    Krylov space that contains the previous iterate), so the re-fit cannot be worse than
+    its start up to rounding. Each iteration costs one product with ``A`` (and one with
+    ``B``).
+
+    Parameters
+    ----------
+    engine : ArrayAPIEngine
+    left : array, shape (k, k)
+        ``A`` (symmetric positive semi-definite).
+    right : array, shape (c, c), or None
+        ``B`` (symmetric positive semi-definite); ``None`` is the identity.
+    cross : array, shape (k, c)
+        ``C``.
+    start : array, shape (k, c)
+        Warm start (values off ``mask`` are ignored).
+    mask : bool array, shape (k, c)
+        The fixed support.
+    n_iter : int
+        CG iterations.
+
+    Returns
+    -------
+    array, shape (k, c)
+        The re-fitted values (zero off ``mask``).
+    """
+    xp = engine.xp
+    zero = xp.zeros_like(start)
+    x = xp.where(mask, start, zero)
+
+    def apply(p: Any) -> Any:
+        out = engine.matmul(left, p)
+        if right is not None:
+            out = engine.matmul(out, right)
+        return xp.where(mask, out, zero)
+
+    diag_left = engine.diag(left)
+    precond = diag_left[:, None] if right is None else diag_left[:, None] * engine.diag(right)[None, :]
+    precond = xp.where(precond > 0, precond, xp.ones_like(precond))
+    residual = xp.where(mask, cross, zero) - apply(x)
+    z = residual / precond
+    direction = z
+    rz = float(xp.sum(residual * z))
+    tiny = 1e-30
+    for _ in range(n_iter):
+        if not rz > tiny:
+            break
+        a_dir = apply(direction)
+        curvature = float(xp.sum(direction * a_dir))
+        if not curvature > tiny:
+            break
+        alpha = rz / curvature
+        x = x + alpha * direction
+        residual = residual - alpha * a_dir
+        z = residual / precond
+        rz_new = float(xp.sum(residual * z))
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    return x

@@ -498,6 +498,59 @@ def write_output_set(
 
 
 # ---------------------------------------------------------------------- the run
+def _check_evaluation(
+    evaluation: str, eval_files: Sequence[str | os.PathLike], window: int | None, stride: int | None
+) -> list[str] | None:
+    """Check ``--eval``, ``--eval-file``, ``--window``, ``--stride``; the eval files' texts (or None).
+
+    Raises
+    ------
+    ArgumentCheckError
+        For an unknown evaluation, eval files or windows without ``--eval perplexity``, a file
+        that is missing, unreadable or not UTF-8, or a window below 2 / a stride outside
+        ``[1, window]``.
+    """
+    if evaluation not in ("embedding", "perplexity"):
+        raise ArgumentCheckError(f"--eval must be 'embedding' or 'perplexity', got {evaluation!r}")
+    if evaluation != "perplexity":
+        for flag, given in (("--eval-file", bool(eval_files)), ("--window", window is not None),
+                            ("--stride", stride is not None)):
+            if given:
+                raise ArgumentCheckError(f"{flag} is used only with --eval perplexity")
+        return None
+    if window is not None and (isinstance(window, bool) or int(window) < 2):
+        raise ArgumentCheckError(f"--window must be at least 2, got {window!r}")
+    if stride is not None and (int(stride) < 1 or (window is not None and int(stride) > int(window))):
+        raise ArgumentCheckError(f"--stride must be in [1, --window], got {stride!r}")
+    if not eval_files:
+        return None
+    texts = []
+    for path in eval_files:
+        try:
+            texts.append(Path(path).expanduser().read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ArgumentCheckError(f"--eval-file {path}: not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:
+            raise ArgumentCheckError(f"--eval-file {path}: cannot read it ({exc.strerror})") from None
+    if not any(t.strip() for t in texts):
+        raise ArgumentCheckError(f"--eval-file {', '.join(map(str, eval_files))}: no text")
+    return texts
+
+
+def _dsf_params(name: str, max_iter: int | None, preset: str) -> dict[str, Any]:
+    """The CLI's DSF settings (``max_iter``, ``preset``) for the ``dsf`` method, none for others."""
+    from .estimators import PRESETS
+
+    if name != "dsf":
+        return {}
+    if preset not in PRESETS:
+        raise ArgumentCheckError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    params: dict[str, Any] = {} if preset == "reference" else {"preset": preset}
+    if max_iter is not None:
+        params["max_iter"] = max_iter
+    return params
+
+
 def run_compress(
     *,
     model: str | None = None,
@@ -511,6 +564,11 @@ def run_compress(
     overwrite: bool = False,
     checkpoint_dir: Path | None = None,
     max_iter: int | None = None,
+    preset: str = "reference",
+    evaluation: str = "embedding",
+    eval_files: Sequence[str | os.PathLike] = (),
+    window: int | None = None,
+    stride: int | None = None,
     compare: Sequence[str] = DEFAULT_COMPARE,
     sequential: bool = True,
     batch_size: int = 32,
@@ -555,6 +613,18 @@ def run_compress(
         and a rerun with the same arguments resumes from them.
     max_iter : int, optional
         DSF's outer iterations (default: DSF's own, 40).
+    preset : {"reference", "quality"}
+        DSF's preset (:class:`~sparsefact.DoubleSparseFactorization`): the authors'
+        algorithm, or the quality preset (lower error, about 1.7x the time).
+    evaluation : {"embedding", "perplexity"}
+        How each compressed model is scored (:mod:`sparsefact.nn_adapters.evaluation`):
+        held-out sentence-embedding agreement (encoders), or the sliding-window perplexity of
+        a causal LM on ``eval_files`` (default: the held-out lines, one per line) and its
+        increase over the dense model's. A model folder is then loaded as a causal LM.
+    eval_files : sequence of paths
+        UTF-8 text files of the perplexity evaluation, joined by a blank line.
+    window, stride : int, optional
+        Perplexity windows (default: the model's context, at most 2048, and half of it).
     sequential, batch_size, max_length, threads, verbose, out
         Calibration on the compressed blocks' outputs, tokenizer batches, Numba/BLAS threads
         per fit, progress printing and its stream.
@@ -589,18 +659,18 @@ def run_compress(
         n_eval=n_eval, output_dir=output_dir, overwrite=overwrite, checkpoint_dir=checkpoint_dir,
         max_iter=max_iter, batch_size=batch_size, max_length=max_length, threads=threads,
     )
+    eval_text = _check_evaluation(evaluation, eval_files, window, stride)
 
     from .nn_adapters.compress import compress_model
     from .nn_adapters.data import (
         DEFAULT_PLAY,
         calibration_and_heldout,
-        embed,
-        embedding_agreement,
         load_model,
         minilm_model_path,
         read_lines,
         tokenize_batches,
     )
+    from .nn_adapters.evaluation import make_evaluation
 
     # the sentences, before the model: a text too short is an argument error, not a late failure
     if calib_file is not None:
@@ -632,7 +702,7 @@ def run_compress(
     start_all = time.perf_counter()
     model_name = model or str(minilm_model_path())
     log(f"Loading model {model_name} ...")
-    dense, tokenizer = load_model(model)
+    dense, tokenizer = load_model(model, causal=evaluation == "perplexity")
     if tokenizer is None:
         raise ValueError(
             "the model factory returned no tokenizer: return (model, tokenizer) to evaluate on text"
@@ -641,11 +711,16 @@ def run_compress(
     eval_batches = tokenize_batches(tokenizer, held_out, batch_size=batch_size, max_length=max_length)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in calib_batches)
     log(f"Calibration: {len(calib)} sentences ({n_tokens} tokens); held-out: {len(held_out)} sentences")
-    reference = embed(dense, eval_batches)
+    scorer = make_evaluation(
+        evaluation, dense, tokenizer, held_out_batches=eval_batches,
+        text="\n".join(held_out) if eval_text is None else eval_text, window=window, stride=stride,
+    )
+    if scorer.dense_scores():
+        log(f"Dense model: {scorer.dense_scores()}")
 
     results, layer_reports, compressed = [], {}, None
     for index, name in enumerate(runs, 1):
-        params: dict[str, Any] = {"max_iter": max_iter} if name == "dsf" and max_iter is not None else {}
+        params = _dsf_params(name, max_iter, preset)
         if checkpoint_dir is not None:
             params["checkpoint_dir"] = Path(checkpoint_dir).expanduser() / name
         log(f"[{index}/{len(runs)}] {name} at density {density:g} ...")
@@ -656,7 +731,7 @@ def run_compress(
             progress=verbose, threads=threads, **params,
         )
         seconds = time.perf_counter() - start
-        scores = embedding_agreement(reference, embed(model_copy, eval_batches))
+        scores = scorer(model_copy)
         summary = report.summary()
         results.append({
             "method": name,
@@ -669,10 +744,7 @@ def run_compress(
         layer_reports[name] = report
         if name == method:
             compressed = model_copy
-        log(
-            f"      cosine {scores['mean_cosine']:.4f}, NN agreement {scores['nn_agreement']:.3f}, "
-            f"{seconds:.1f}s"
-        )
+        log(f"      {scorer.describe(scores)}, {seconds:.1f}s")
 
     result = {
         "model": model_name,
@@ -681,6 +753,9 @@ def run_compress(
             "method": method,
             "layers": layers,
             "max_iter": max_iter,
+            "preset": preset,
+            "evaluation": evaluation,
+            "eval_files": [str(p) for p in eval_files],
             "sequential": sequential,
             "threads": threads,
             "n_calib": len(calib),
@@ -690,6 +765,8 @@ def run_compress(
             "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
         },
         "results": results,
+        "dense": scorer.dense_scores(),
+        "legend": scorer.legend(),
         "not_installed": [],  # kept for the report's schema: every registered method is available
         "seconds": time.perf_counter() - start_all,
         "layers": {name: list(rep) for name, rep in layer_reports.items()},
@@ -747,27 +824,34 @@ def format_storage(storage: dict[str, Any]) -> str:
 
 
 def format_compress_table(result: dict[str, Any]) -> str:
-    """The per-method results of :func:`run_compress` as a plain-text table."""
-    header = ("method", "density", "mean cosine", "min cosine", "NN agreement", "layer err", "seconds")
+    """The per-method results of :func:`run_compress` as a plain-text table.
+
+    The score columns follow the evaluation (``settings["evaluation"]``, default
+    ``"embedding"``): cosines and NN agreement, or perplexity and its increase.
+    """
+    from .nn_adapters.evaluation import EmbeddingEvaluation, PerplexityEvaluation
+
+    st = result["settings"]
+    kind = st.get("evaluation", "embedding")
+    evaluation = PerplexityEvaluation if kind == "perplexity" else EmbeddingEvaluation
+    header = ("method", "density", *(c[0] for c in evaluation.columns), "layer err", "seconds")
     rows = [
         (
             r["method"],
             f"{r['density']:.4f}",
-            f"{r['mean_cosine']:.4f}",
-            f"{r['min_cosine']:.4f}",
-            f"{r['nn_agreement']:.3f}",
+            *(format(r[key], spec) for _, key, spec in evaluation.columns),
             f"{r['mean_layer_err']:.4f}",
             f"{r['seconds']:.1f}",
         )
         for r in result["results"]
     ]
-    st = result["settings"]
     lines = plain_table(header, rows)
+    legend = result.get("legend") or EmbeddingEvaluation.legend()
     lines += [
         f"{rows and result['results'][0]['layers']} layers; calibration {st['n_calib']} sentences "
-        f"({st['calib_tokens']} tokens), evaluation {st['n_eval']} held-out sentences.",
-        "cosine: compressed vs dense sentence embedding (mean pooling + L2 norm) of each held-out sentence;",
-        "NN agreement: fraction of held-out sentences whose nearest other held-out sentence is unchanged;",
+        f"({st['calib_tokens']} tokens), evaluation {st['n_eval']} held-out sentences"
+        + (f" and {len(st['eval_files'])} text file(s)." if st.get("eval_files") else "."),
+        *legend,
         "layer err: mean over layers of ||(W - W_hat) X^T|| / ||W X^T|| on the calibration inputs.",
     ]
     if result.get("not_installed"):
@@ -876,6 +960,7 @@ def _shape(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sparsefact`` command."""
     from . import __version__
+    from .estimators import PRESETS
     from .methods import available_methods
 
     layer_names = ", ".join(n for n, spec in available_methods().items() if spec.kind != "scorer")
@@ -969,6 +1054,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="outer iterations of DSF (default 40; 8 is a quick run)",
     )
     comp.add_argument(
+        "--eval", dest="evaluation", choices=["embedding", "perplexity"], default="embedding",
+        help="score by held-out sentence-embedding agreement (default; encoders) or by the "
+        "sliding-window perplexity of a causal LM (decoders; a model folder loads as a causal LM)",
+    )
+    comp.add_argument(
+        "--eval-file", dest="eval_files", type=Path, action="append", default=[], metavar="PATH",
+        help="text file of the perplexity evaluation (repeatable, joined by a blank line; "
+        "default: the held-out lines)",
+    )
+    comp.add_argument("--window", type=_positive_int, default=None,
+                      help="perplexity window in tokens (default: the model's context, at most 2048)")
+    comp.add_argument("--stride", type=_positive_int, default=None,
+                      help="perplexity stride in tokens (default: half the window)")
+    comp.add_argument(
+        "--preset", choices=sorted(PRESETS), default="reference",
+        help="DSF preset: the authors' algorithm (default) or 'quality' (lower error, ~1.7x the time)",
+    )
+    comp.add_argument(
         "--compare", dest="compare", action="store_true", default=True,
         help="also compress by the --compare-methods at the same density (default)",
     )
@@ -1034,6 +1137,11 @@ def _main_compress(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             checkpoint_dir=args.checkpoint_dir,
             max_iter=args.max_iter,
+            preset=args.preset,
+            evaluation=args.evaluation,
+            eval_files=args.eval_files,
+            window=args.window,
+            stride=args.stride,
             compare=args.compare_methods if args.compare else (),
             sequential=args.sequential,
             threads=args.threads,

@@ -27,9 +27,10 @@ from typing import Any
 from .admm import NORM_EPS, SolverCounters, admm_loop, relative_ridge, sparse_least_squares
 from .dsf import (
     FactorizationResult,
-    _initial_other_factor,
     finalize_if_better,
+    initial_state,
     plan_budgets,
+    resolve_shape,
     warm_start_weight,
 )
 
@@ -92,18 +93,26 @@ def double_sparse_factorization_exact(
     finalize_iter: int,
     masks: str,
     input_scaling: bool,
+    inner_dim: int | str | None = None,
+    n_m: tuple[int, int] | None = None,
+    n_m_factors: str = "both",
+    start: tuple[Any, Any] | None = None,
 ) -> FactorizationResult:
     """DSF on the exact calibrated objective (see the module docstring).
 
     Parameters and result as :func:`sparsefact.dsf.double_sparse_factorization`;
     ``input_scaling`` is accepted and has no effect here (the scaling is part of the
-    R-step's coordinates); tracking and callbacks are not supported.
+    R-step's coordinates); tracking and callbacks are not supported. ``start=(L, R)``
+    continues from given factors (their duals start at zero) with ``rho0 = 1`` in every
+    iteration: the exact objective warm-started from the reference alternation
+    (``preset="quality"``).
     """
     xp = engine.xp
     m, n = W.shape
-    plan = plan_budgets(m, n, density, split, masks)
+    r, split = resolve_shape(m, n, density, inner_dim, split, masks, n_m, n_m_factors)
+    plan = plan_budgets(m, n, density, split, masks, r, n_m, n_m_factors)
     counters = SolverCounters()
-    k = plan.k
+    k = plan.r
     if gram is None:
         gram = engine.eye(n, W)
     scaling = xp.sqrt(engine.diag(gram)) + NORM_EPS
@@ -114,20 +123,30 @@ def double_sparse_factorization_exact(
     square_is_left = not plan.transposed
     index_left = plan.index_square if square_is_left else plan.index_other
     index_right = plan.index_other if square_is_left else plan.index_square
-    # Balanced rows of L are balanced columns of the L-step's unknown L^T.
+    # Balanced rows of L are balanced columns of the L-step's unknown L^T. L^T and R are
+    # the alternation's S^T and B (in some order), so their N:M patterns carry over as is.
     scope_left_t = "column" if masks == "row" else "global"
     scope_right = "row" if masks == "row" else "global"
-    pruned = _initial_other_factor(engine, target, plan)
-    if square_is_left:
-        left = engine.eye(k, W)
-        right = pruned / scaling[None, :]
+    pattern_left = plan.pattern_square if square_is_left else plan.pattern_other
+    pattern_right = plan.pattern_other if square_is_left else plan.pattern_square
+    if pattern_left is not None:
+        scope_left_t = pattern_left
+    if pattern_right is not None:
+        scope_right = pattern_right
+    if start is not None:
+        left, right = engine.copy(start[0]), engine.copy(start[1])
     else:
-        left = pruned
-        right = engine.eye(k, W) / scaling[None, :]
+        square_t, pruned = initial_state(engine, target if square_is_left else target.T, plan)
+        if square_is_left:
+            left = engine.copy(square_t.T)
+            right = pruned / scaling[None, :]
+        else:
+            left = engine.copy(pruned.T)
+            right = square_t / scaling[None, :]
     u_left_t = engine.zeros((k, m), W)
     u_right = engine.zeros((k, n), W)
     for t in range(max_iter):
-        rho0 = warm_start_weight(t, max_iter)
+        rho0 = warm_start_weight(t, max_iter) if start is None else 1.0
         # L-step: Gram R G R^T, cross R G W^T; unknown L^T (k x m).
         right_g = engine.matmul(right, gram)
         gram_l = engine.matmul(right_g, right.T)

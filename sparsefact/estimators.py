@@ -7,6 +7,7 @@ The single-sparse baselines live in :mod:`sparsefact.pruning`, low rank in
 
 from __future__ import annotations
 
+import math
 import warnings
 from numbers import Integral, Real
 from typing import Any
@@ -19,11 +20,34 @@ from ._validation import check_matrix, convert_to_namespace
 from .admm import masked_least_squares, sparse_least_squares
 from .backends import get_engine
 from .base import BaseCompressor, FitOutput
-from .dsf import double_sparse_factorization, search_split
+from .dsf import (
+    double_sparse_factorization,
+    refit_both_factors,
+    resolve_shape,
+    search_split,
+    single_sparse_candidate,
+)
 from .dsf_exact import double_sparse_factorization_exact
+from .masks import NMPattern
 from .metrics import relative_error
 
-__all__ = ["DoubleSparseFactorization"]
+__all__ = ["PRESETS", "DoubleSparseFactorization"]
+
+#: The stages each preset runs after the reference alternation (parameters left at None
+#: take these values). "quality" was chosen on the MiniLM layers' calibration data
+#: (fit on one half of the calibration sentences, scored on the other; docs/variants.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {
+        "restart_iter": 0, "restart_rho": 0.5, "exact_iter": 0, "refit_iter": 0,
+        "damping": 0.0,
+    },
+    "quality": {
+        "restart_iter": 20, "restart_rho": 0.5, "exact_iter": 2, "refit_iter": 1,
+        "damping": 0.03,
+    },
+}
+#: Conjugate-gradient iterations per factor and round of the quality re-fit.
+REFIT_CG_ITER = 20
 
 
 def _check_inner_dimension(m: int, n: int) -> None:
@@ -49,8 +73,8 @@ def _check_inner_dimension(m: int, n: int) -> None:
 class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseCompressor):
     """Double Sparse Factorization: approximate ``W`` by the product of two sparse matrices.
 
-    ``W (m x n) ~ A_ @ B_`` with ``A_`` of shape ``(m, k)``, ``B_`` of shape ``(k, n)``,
-    ``k = min(m, n)`` and ``nnz(A_) + nnz(B_) <= density * m * n``, fitted by alternating
+    ``W (m x n) ~ A_ @ B_`` with ``A_`` of shape ``(m, r)``, ``B_`` of shape ``(r, n)``,
+    ``r = min(m, n)`` by default and ``nnz(A_) + nnz(B_) <= density * m * n``, fitted by alternating
     ADMM sparse least squares (Boža & Macko, "Two Sparse Matrices are Better than One",
     arXiv 2409.18850). With calibration inputs ``X_calib`` (or their Gram) the
     calibrated error ``||(W - A B) X_calib^T||_F`` is what is minimised (input scaling
@@ -62,12 +86,39 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     ----------
     density : float in (0, 1], default=0.5
         Kept fraction of ``W``'s ``m * n`` entries, counted over both factors.
+    preset : {"reference", "quality"}, default="reference"
+        ``"reference"``: the authors' algorithm (bit-identical to earlier releases where
+        the reference can run). ``"quality"``: the reference result, then a restarted
+        alternation with a smaller ADMM penalty, the exact calibrated objective
+        warm-started from it, and both factors re-fitted on their supports against the
+        damped Gram (``restart_iter``, ``restart_rho``, ``exact_iter``, ``refit_iter``,
+        ``damping``; None takes the preset's value). Chosen by measurement on MiniLM
+        layers (``docs/variants.md``). If the result's calibrated error is above the
+        reference's, the reference result is returned (``preset_fallback_``).
+    inner_dim : "auto" or int, default="auto"
+        Inner dimension ``r`` of ``A_ (m x r) @ B_ (r x n)``, at most ``min(m, n)``.
+        ``"auto"``: ``min(m, n)`` with the reference split where the reference budget is
+        valid; below the reference's minimum density (about 0.17 for square ``W``)
+        ``min(m, n)`` with the square factor holding a third of the budget, and a halved
+        ``r`` only where even that is invalid (:func:`sparsefact.dsf.resolve_shape`;
+        measured better than smaller ``r`` at densities 0.05-0.2, docs/variants.md); with
+        N:M on both factors the largest ``r`` the budget allows.
     split : "auto", "search" or float in (0, 1], default="auto"
         Density of the square ``k x k`` factor: 0.16 for square ``W``, 0.25 otherwise
-        (the reference defaults). The other factor receives the rest of the budget.
+        (the reference defaults); with ``r < min(m, n)`` the ``k x r`` factor gets a
+        third of the budget. The other factor receives the rest of the budget.
         ``"search"`` tries the default and square-factor shares of 20%, 33% and 50% of
         all nonzeros with a cheap schedule (``max(4, max_iter // 4)`` iterations, no
         finalisation) and keeps the best (:func:`sparsefact.dsf.search_split`).
+    n_m : tuple (N, M) or None, default=None
+        N:M sparsity of the factors named by ``n_m_factors``: every group of ``M``
+        consecutive entries along a factor's reduction dimension (a row of ``A_``, within
+        the inner dimension; a row of ``B_``, within the inputs) keeps at most ``N``, so
+        each factor runs on sparse tensor cores (2:4). ``density`` still bounds
+        ``nnz(A_) + nnz(B_)``; with both factors N:M the inner dimension follows from it.
+    n_m_factors : {"both", "A", "B"}, default="both"
+        Which factors ``n_m`` applies to; an unstructured factor gets the rest of the
+        budget.
     max_iter : int, default=40
         Outer alternating iterations (A-step then B-step).
     admm_iter : int, default=5
@@ -97,6 +148,33 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         (:mod:`sparsefact.dsf_exact`); about 2x slower, see ``docs/benchmarks.md``
         for where it wins. Tracking, callbacks and the convergence check apply to the
         heuristic only.
+    restart_iter : int or None, default=None
+        Outer iterations of the quality preset's second alternation, restarted (the
+        ``rho0`` ramp from 0) from the first one's state with ``restart_rho``. None: 0
+        for ``"reference"``, 20 for ``"quality"``.
+    restart_rho : float or None, default=None
+        ADMM penalty of the restarted alternation (None: 0.5).
+    exact_iter : int or None, default=None
+        Iterations of the exact calibrated objective (:mod:`sparsefact.dsf_exact`)
+        warm-started from the alternation's factors, then the output-side
+        finalisation. None: 0 for ``"reference"``, 2 for ``"quality"``.
+    refit_iter : int or None, default=None
+        Rounds of re-fitting both factors' values on their supports against the damped
+        Gram (conjugate gradients, :func:`sparsefact.dsf.refit_both_factors`). None: 0 /
+        1.
+    damping : float or None, default=None
+        Relative ridge of that re-fit, ``G + damping * mean(diag G) I`` (None: 0 / 0.03);
+        it trades calibration fit for held-out error.
+    fallback : {"auto", "magnitude", "calibrated"} or None, default="auto"
+        Also fit the single sparse matrix as a double sparse factorisation (``A = I``,
+        ``B`` = ``W`` pruned to the rest of the budget, in the same mask structure) and
+        return it where its calibrated error is strictly lower (``single_sparse_``), so
+        that DSF is never worse than that pruning with ``min(m, n)`` fewer nonzeros.
+        ``"magnitude"`` prunes by magnitude; ``"calibrated"`` also tries the Wanda mask
+        with its values re-fitted to the Gram. ``"auto"``: ``"calibrated"`` for
+        ``preset="quality"``; ``"magnitude"`` for ``"reference"`` with global masks and
+        none with ``masks="row"`` (where the magnitude candidate beats a frozen reference
+        result, which must stay bit-identical). None: never.
     tol : float, default=2e-3
         A :class:`~sklearn.exceptions.ConvergenceWarning` is raised when the scaled
         error still changed by more than ``tol`` (relative) in the last iteration
@@ -126,7 +204,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     components_ : scipy.sparse.csr_array
         Same object as ``B_`` (scikit-learn's name for the learned atoms).
     n_components_ : int
-        Inner dimension ``k = min(m, n)``.
+        Inner dimension ``r`` (``min(m, n)`` in the reference).
     calibrated_err_ : float
         ``sqrt(tr(D G D^T) / tr(W G W^T))`` with ``D = W - A_ B_``; equal to
         ``reconstruction_err_`` without calibration.
@@ -144,6 +222,13 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         Square-factor density used.
     split_trials_ : dict or None
         With ``split="search"``: ``{split: trial error}``.
+    reference_err_ : float
+        Calibrated error of the reference alternation (the first stage).
+    preset_fallback_ : bool
+        True when the quality preset's stages ended above ``reference_err_`` and the
+        reference result was returned (always False for ``preset="reference"``).
+    single_sparse_ : bool
+        True when the single-sparse candidate (``A = I``) was returned.
     n_iter_ : int
         Outer iterations run.
     backend_ : str
@@ -167,7 +252,11 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     _parameter_constraints: dict = {
         **BaseCompressor._parameter_constraints,
         "density": [Interval(Real, 0, 1, closed="right")],
+        "preset": [StrOptions(set(PRESETS))],
+        "inner_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "split": [StrOptions({"auto", "search"}), Interval(Real, 0, 1, closed="right")],
+        "n_m": [tuple, list, None],
+        "n_m_factors": [StrOptions({"both", "A", "B"})],
         "masks": [StrOptions({"global", "row"})],
         "objective": [StrOptions({"heuristic", "exact"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -178,6 +267,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         "input_scaling": ["boolean"],
         "finalize": ["boolean"],
         "finalize_iter": [Interval(Integral, 1, None, closed="left")],
+        "restart_iter": [Interval(Integral, 0, None, closed="left"), None],
+        "restart_rho": [Interval(Real, 0, None, closed="neither"), None],
+        "exact_iter": [Interval(Integral, 0, None, closed="left"), None],
+        "refit_iter": [Interval(Integral, 0, None, closed="left"), None],
+        "damping": [Interval(Real, 0, None, closed="left"), None],
+        "fallback": [StrOptions({"auto", "magnitude", "calibrated"}), None],
         "tol": [Interval(Real, 0, None, closed="left")],
         "keep_calibration": ["boolean"],
         "random_state": ["random_state"],
@@ -189,7 +284,11 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self,
         density: float = 0.5,
         *,
+        preset: str = "reference",
+        inner_dim: int | str = "auto",
         split: float | str = "auto",
+        n_m: tuple[int, int] | None = None,
+        n_m_factors: str = "both",
         max_iter: int = 40,
         admm_iter: int = 5,
         mask_iter: int = 2,
@@ -200,6 +299,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         finalize_iter: int = 20,
         masks: str = "global",
         objective: str = "heuristic",
+        restart_iter: int | None = None,
+        restart_rho: float | None = None,
+        exact_iter: int | None = None,
+        refit_iter: int | None = None,
+        damping: float | None = None,
+        fallback: str | None = "auto",
         tol: float = 2e-3,
         backend: str = "auto",
         keep_calibration: bool = True,
@@ -208,7 +313,11 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         callback: Any = None,
     ) -> None:
         self.density = density
+        self.preset = preset
+        self.inner_dim = inner_dim
         self.split = split
+        self.n_m = n_m
+        self.n_m_factors = n_m_factors
         self.max_iter = max_iter
         self.admm_iter = admm_iter
         self.mask_iter = mask_iter
@@ -219,6 +328,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.finalize_iter = finalize_iter
         self.masks = masks
         self.objective = objective
+        self.restart_iter = restart_iter
+        self.restart_rho = restart_rho
+        self.exact_iter = exact_iter
+        self.refit_iter = refit_iter
+        self.damping = damping
+        self.fallback = fallback
         self.tol = tol
         self.backend = backend
         self.keep_calibration = keep_calibration
@@ -243,16 +358,40 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             finalize=self.finalize,
             finalize_iter=self.finalize_iter,
             masks=self.masks,
+            inner_dim=self.inner_dim,
+            n_m=None if self.n_m is None else tuple(self.n_m),
+            n_m_factors=self.n_m_factors,
         )
+
+    def _stage_options(self) -> dict[str, Any]:
+        """The quality stages' settings: the explicit parameters, else the preset's values."""
+        preset = PRESETS[self.preset]
+        return {
+            name: preset[name] if getattr(self, name) is None else getattr(self, name)
+            for name in preset
+        }
+
+    def _choose_shape(self, W: Any, gram: Any, engine: Any, options: dict[str, Any]) -> tuple[int, Any]:
+        """``(inner_dim, split)`` of the first stage: :func:`sparsefact.dsf.resolve_shape`,
+        then the split search where ``split="search"``."""
+        m, n = W.shape
+        self.split_trials_ = None
+        split = "auto" if self.split == "search" else self.split
+        inner_dim, split = resolve_shape(
+            m, n, self.density, self.inner_dim, split, self.masks, options["n_m"], self.n_m_factors
+        )
+        if self.split == "search":
+            split, self.split_trials_ = search_split(
+                W, gram, engine=engine, search_iter=max(4, self.max_iter // 4),
+                **{**options, "inner_dim": inner_dim},
+            )
+        return inner_dim, split
 
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         options = self._solver_options()
-        split = self.split
-        self.split_trials_ = None
-        if split == "search":
-            split, self.split_trials_ = search_split(
-                W, gram, engine=engine, search_iter=max(4, self.max_iter // 4), **options
-            )
+        stages = self._stage_options()
+        inner_dim, split = self._choose_shape(W, gram, engine, options)
+        options["inner_dim"] = inner_dim
         if self.objective == "exact":
             result = double_sparse_factorization_exact(W, gram, engine=engine, split=split, **options)
         else:
@@ -260,22 +399,83 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
                 W, gram, engine=engine, split=split, callback=self.callback, verbose=self.verbose,
                 track_errors=False, **options,
             )
-        self._left, self._right = result.left, result.right
+        reference = result
+        left, right, error = result.left, result.right, result.error
+        self.reference_err_ = result.error
+        self.preset_fallback_ = False
+        if stages["restart_iter"] > 0 and result.state is not None:
+            # Same plan as the first stage: a restart with another split was measured worse
+            # (the carried supports fit the old budget; docs/variants.md).
+            result = double_sparse_factorization(
+                W, gram, engine=engine, split=split, start=result.state,
+                **{**options, "max_iter": stages["restart_iter"], "rho": stages["restart_rho"]},
+            )
+            left, right, error = result.left, result.right, result.error
+        if stages["exact_iter"] > 0:
+            exact = double_sparse_factorization_exact(
+                W, gram, engine=engine, split=split, start=(left, right),
+                **{**options, "max_iter": stages["exact_iter"]},
+            )
+            left, right, error = exact.left, exact.right, exact.error
+        if stages["refit_iter"] > 0:
+            left, right = refit_both_factors(
+                engine, W, gram, left, right, rounds=stages["refit_iter"],
+                cg_iter=REFIT_CG_ITER, damping=stages["damping"],
+            )
+            error = relative_error(W, engine.matmul(left, right), gram)
+        if not error <= reference.error:  # also catches NaN
+            left, right, error = reference.left, reference.right, reference.error
+            self.preset_fallback_ = self.preset != "reference"
+        self.single_sparse_ = False
+        pruners = self._fallback_pruners()
+        if pruners is not None:
+            candidate = self._single_sparse(W, gram, engine, pruners)
+            if candidate is not None and candidate[2] < error:
+                left, right, error = candidate
+                self.single_sparse_ = True
+        self._left, self._right = left, right
         self._gram = gram if self.keep_calibration else None
-        self.A_ = engine.to_sparse(result.left)
-        self.B_ = engine.to_sparse(result.right)
+        self.A_ = engine.to_sparse(left)
+        self.B_ = engine.to_sparse(right)
         self.components_ = self.B_
-        self.n_components_ = int(result.plan.k)
+        self.n_components_ = int(right.shape[0])
         self.split_ = result.plan.split
-        self.n_iter_ = result.n_iter
-        self.errors_ = list(result.errors)
-        self.error_before_finalize_ = result.error_before_finalize
-        # result.error is relative_error(W, left @ right, gram), measured by the core
+        self.n_iter_ = reference.n_iter
+        self.errors_ = list(reference.errors)
+        self.error_before_finalize_ = reference.error_before_finalize
         return FitOutput(
-            factors=(result.left, result.right),
+            factors=(left, right),
             nnz=int(self.A_.nnz + self.B_.nnz),
-            calibrated_err=result.error,
+            calibrated_err=error,
         )
+
+    def _fallback_pruners(self) -> str | None:
+        """The single-sparse candidate's pruners (``fallback`` with ``"auto"`` resolved)."""
+        if self.fallback != "auto":
+            return self.fallback
+        if self.preset == "quality":
+            return "calibrated"
+        return "magnitude" if self.masks == "global" else None
+
+    def _single_sparse(self, W: Any, gram: Any, engine: Any, pruners: str) -> tuple | None:
+        """The ``A = I`` candidate within the budget, mask structure and N:M pattern, or None."""
+        m, n = W.shape
+        budget = math.floor(self.density * m * n)
+        pattern = None
+        if self.n_m is not None:
+            keep, group = (int(v) for v in self.n_m)
+            # the pruned W is A_ (m >= n) or B_ (m < n); its reduction dimension is n
+            on_pruned = self.n_m_factors in ("both", "A") if m >= n else self.n_m_factors in ("both", "B")
+            if on_pruned:
+                if n % group:
+                    return None
+                pattern = NMPattern(keep, group, 1)
+        left, right, error = single_sparse_candidate(
+            engine, W, gram, budget=budget, pruners=pruners, rows=self.masks == "row", pattern=pattern
+        )
+        if left is None:
+            return None
+        return left, right, error
 
     def _after_fit(self, out: FitOutput) -> None:
         errs = self.errors_

@@ -37,6 +37,20 @@ def test_parser_defaults():
     assert args.compare_methods == ["wanda", "dsf"]
 
 
+def test_preset_option_reaches_only_dsf():
+    from sparsefact.cli import ArgumentCheckError, _dsf_params
+
+    assert build_parser().parse_args(["compress"]).preset == "reference"
+    assert build_parser().parse_args(["compress", "--preset", "quality"]).preset == "quality"
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--preset", "fast"])
+    assert _dsf_params("dsf", None, "reference") == {}
+    assert _dsf_params("dsf", 8, "quality") == {"preset": "quality", "max_iter": 8}
+    assert _dsf_params("sparsegpt", 8, "quality") == {}
+    with pytest.raises(ArgumentCheckError, match="--preset must be one of"):
+        _dsf_params("dsf", None, "fast")
+
+
 def test_cli_module_imports_without_torch():
     """cli.py (and the core) import torch only inside the compress command."""
     code = (
@@ -187,6 +201,8 @@ class TinyTokenizer:
     """Words to ids by a fixed sum of character codes; pads to the longest sentence of a batch."""
 
     def __call__(self, sentences, padding=True, truncation=True, max_length=128, return_tensors="pt"):
+        if isinstance(sentences, str):  # one text (perplexity): one sequence, not truncated
+            sentences, max_length = [sentences], None
         ids = [[sum(map(ord, w)) % (VOCAB - 1) + 1 for w in s.split()][:max_length] for s in sentences]
         width = max(len(row) for row in ids)
         input_ids = torch.zeros(len(ids), width, dtype=torch.long)
@@ -505,3 +521,81 @@ def test_failed_layers_exit_1_after_writing_the_outputs(tmp_path, capsys, fails_
     assert [f["name"] for f in report["failed_layers"]] == ["layers.0.fc2", "layers.1.fc2"]
     assert {f["method"] for f in report["failed_layers"]} == {fails_on_wide}
     assert (out_dir / "model.safetensors").is_file() and "kept dense" in (out_dir / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- --eval perplexity (issue 17)
+class TinyCausalLM(torch.nn.Module):
+    """Embedding, two residual MLP blocks and a linear head: ``input_ids`` to logits."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, d)
+        self.layers = torch.nn.ModuleList([TinyBlock(d), TinyBlock(d)])
+        self.head = torch.nn.Linear(d, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=attention_mask)[0]
+        return (self.head(h),)
+
+
+def tiny_causal_lm():
+    """``--model test_cli_compress:tiny_causal_lm``."""
+    torch.manual_seed(0)
+    return TinyCausalLM().eval(), TinyTokenizer()
+
+
+def test_eval_perplexity_scores_every_method_against_the_dense_model(tmp_path):
+    from sparsefact.nn_adapters.perplexity import perplexity
+
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 40}" for i in range(300)) + "\n")
+    out_dir = tmp_path / "out"
+    argv = ["compress", "--model", "test_cli_compress:tiny_causal_lm", "--method", "magnitude",
+            "--compare-methods", "wanda", "--calib-file", str(_lines_file(tmp_path)), "--n-calib", "8",
+            "--n-eval", "8", "--eval", "perplexity", "--eval-file", str(text), "--window", "32",
+            "--stride", "16", "--output-dir", str(out_dir)]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    dense_model, tokenizer = tiny_causal_lm()
+    dense = perplexity(dense_model, tokenizer, text.read_text(), window=32, stride=16)
+    assert report["dense"]["perplexity"] == pytest.approx(dense.perplexity, rel=1e-12)
+    assert report["dense"]["n_tokens"] == dense.n_tokens == 299
+    assert report["settings"]["evaluation"] == "perplexity"
+    for row in report["results"]:
+        assert row["perplexity"] > 1.0
+        assert row["perplexity_increase"] == pytest.approx(row["perplexity"] - dense.perplexity)
+        assert "mean_cosine" not in row
+    assert "perplexity" in buffer.getvalue()
+    table = (out_dir / "report.md").read_text()
+    assert "increase" in table and "mean cosine" not in table and "dense model" in table
+
+
+def test_eval_perplexity_defaults_to_the_held_out_lines(tmp_path):
+    out_dir = tmp_path / "out"
+    status = _main(["compress", "--model", "test_cli_compress:tiny_causal_lm", "--method", "magnitude",
+                    "--no-compare", "--calib-file", str(_lines_file(tmp_path)), "--n-calib", "8",
+                    "--n-eval", "8", "--eval", "perplexity", "--output-dir", str(out_dir), "-q"])
+    assert status == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["dense"]["n_tokens"] > 20 and report["results"][0]["perplexity"] > 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval-file", "x.txt"], "--eval-file is used only with --eval perplexity"),
+        (["--window", "8"], "--window is used only with --eval perplexity"),
+        (["--eval", "perplexity", "--eval-file", "missing.txt"], "--eval-file missing.txt: cannot read it"),
+        (["--eval", "perplexity", "--window", "8", "--stride", "9"], r"--stride must be in \[1, --window\]"),
+    ],
+)
+def test_eval_arguments_are_checked_before_loading(tmp_path, capsys, no_model_load, extra, message):
+    import re
+
+    status = _main(_tiny_argv(tmp_path, tmp_path / "out", *extra))
+    assert status == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err))

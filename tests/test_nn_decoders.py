@@ -8,9 +8,8 @@ freshly initialised model gives identical logits and the same greedy generation;
 model stays causal (a prefix's logits do not depend on later tokens) and everything outside the
 compressed layers -- rotary embeddings, norms, embeddings, the head -- is untouched.
 
-Known gap (xfail until capture.py handles it): OPT's decoder layer flattens its tokens to
-``(batch * tokens, hidden)`` before ``fc1``/``fc2``, and the capture hooks apply the token mask only
-to ``(batch, tokens, features)`` inputs, so padded rows enter those two layers' Grams.
+OPT's decoder layer flattens its tokens to ``(batch * tokens, hidden)`` before ``fc1``/``fc2``; the
+capture hooks mask such inputs by the flattened token mask, so padded rows stay out of those Grams too.
 """
 
 from __future__ import annotations
@@ -168,21 +167,21 @@ def test_the_compressed_model_stays_causal(arch):
     assert torch.allclose(_logits(compressed, changed)[:, :7], full[:, :7], atol=1e-5)
 
 
-def _capture_masks_flattened_tokens() -> bool:
-    """Whether the capture hooks apply the token mask to a ``(batch * tokens, features)`` input."""
+def test_flattened_token_inputs_are_masked():
+    """A ``(batch * tokens, features)`` layer input (OPT's fc1/fc2) is masked by the flattened mask."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with ActivationCapture(model, names=["0"]) as cap, token_mask(torch.tensor([[1, 0]])), torch.no_grad():
-        model(torch.zeros(2, 2))
-    return cap.n_tokens["0"] == 1
+    x = torch.arange(8.0).reshape(4, 2)
+    with ActivationCapture(model, names=["0"]) as cap, token_mask(torch.tensor([[1, 0], [1, 1]])), \
+            torch.no_grad():
+        model(x)
+    assert cap.n_tokens["0"] == 3
+    kept = x[[0, 2, 3]].double()
+    assert torch.allclose(cap.gram("0").double(), kept.T @ kept)
 
 
 def test_padded_tokens_do_not_enter_the_grams(arch):
     """Right-padded calibration == the unpadded sequences one by one, in every layer's Gram."""
-    name, _, dense, _, report = arch
-    if name == "opt" and not _capture_masks_flattened_tokens():
-        pytest.xfail("OPT's decoder layer flattens its tokens to (batch * tokens, hidden) before fc1/fc2, "
-                     "and capture.py applies the token mask only to (batch, tokens, features) inputs: "
-                     "the padded rows enter fc1/fc2's Grams")
+    _, _, dense, _, report = arch
     seqs = _calibration_seqs()
     names = [row["name"] for row in report]
     with ActivationCapture(dense, names=names) as padded:

@@ -455,6 +455,25 @@ def test_sparse_conv_state_dict_and_deepcopy(layout):
     assert m.dense_bytes == (4 * 18 + 4) * 4
 
 
+@pytest.mark.parametrize(
+    "geometry, error, message",
+    [
+        ({"stride": 0}, ValueError, "stride must be at least 1"),
+        ({"dilation": (1, 0)}, ValueError, "dilation must be at least 1"),
+        ({"padding": -1}, ValueError, "padding must be at least 0"),
+        ({"kernel_size": 0}, ValueError, "kernel_size must be at least 1"),
+        ({"stride": (1, 1, 1)}, ValueError, "stride must be an int or a pair"),
+        ({"stride": "two"}, TypeError, "stride must be an int or a pair of ints"),
+        ({"stride": True}, TypeError, "stride must be an int or a pair of ints"),
+    ],
+)
+def test_conv_geometry_is_validated_with_the_argument_named(geometry, error, message):
+    kwargs = {"kernel_size": 3, **geometry}
+    for cls in (SparseConv2d, DoubleSparseConv2d, LowRankConv2d):
+        with pytest.raises(error, match=message):
+            cls(2, 4, *((1,) if cls is not SparseConv2d else ()), **kwargs)
+
+
 # ---------------------------------------------------------------------------- from_layer
 def test_from_layer_takes_geometry_and_bias_from_the_layer():
     conv = torch.nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))

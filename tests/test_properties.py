@@ -3,8 +3,9 @@
 Shapes run from 1 to 64 in both directions (tall, wide, square), densities over (0, 1],
 float32 and float64, with and without calibration inputs. For every example either the
 budget is invalid for the shape -- decided independently by
-:func:`sparsefact.dsf.plan_budgets` -- and ``fit`` raises a ValueError that says how to
-fix it, or the fitted factors satisfy the contract of design.md §3.
+:func:`sparsefact.dsf.resolve_shape` and :func:`~sparsefact.dsf.plan_budgets` -- and
+``fit`` raises a ValueError that says how to fix it, or the fitted factors satisfy the
+contract of design.md §3.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from sklearn.base import clone
 
 from sparsefact import DoubleSparseFactorization, MagnitudePruning
-from sparsefact.dsf import plan_budgets
+from sparsefact.dsf import plan_budgets, resolve_shape
 from sparsefact.masks import kept_budget
 
 DTYPES = st.sampled_from([np.float32, np.float64])
@@ -45,15 +46,14 @@ DENSITIES = st.one_of(
 )
 
 
-def _init_prune_is_empty(m: int, n: int, density: float) -> bool:
+def _init_prune_is_empty(plan) -> bool:
     """True when dsf.py's half-budget initial prune keeps no entry of the other factor.
 
     Known bug in dsf.py (see tests/test_estimators.py::test_empty_initial_factor): the
     factor then starts all-zero and, with a warm-start ramp (max_iter > 3), the first
     A-step inverts a singular matrix.
     """
-    plan = plan_budgets(m, n, density)
-    return plan.index_init >= plan.k * plan.P - 1
+    return plan.index_init >= plan.r * plan.P - 1
 
 
 @settings(max_examples=40)
@@ -79,30 +79,34 @@ def test_fit_contract(shape, density, dtype, calibrated, max_iter, seed):
             est.fit(W, X)
         return
     try:
-        plan = plan_budgets(m, n, density)
+        r, split = resolve_shape(m, n, density, "auto")
+        plan = plan_budgets(m, n, density, split, "global", r)
     except ValueError as exc:
         event("rejected: budget")
         expected = str(exc)
-        with pytest.raises(ValueError, match=r"minimum density is|use split >=") as info:
+        with pytest.raises(ValueError, match=r"minimum density is|use split >=|no smaller inner") as info:
             est.fit(W, X)
         assert str(info.value) == expected
         return
-    assume(not (max_iter > 3 and _init_prune_is_empty(m, n, density)))
+    assume(not (max_iter > 3 and _init_prune_is_empty(plan)))
 
-    event("fitted")
+    event("fitted" if r == min(m, n) else "fitted: inner dimension below min(m, n)")
     est.fit(W, X)
     np.testing.assert_array_equal(W, W_before)
     if X is not None:
         np.testing.assert_array_equal(X, X_before)
 
     k = min(m, n)
-    assert est.n_components_ == k
-    assert est.A_.shape == (m, k)
-    assert est.B_.shape == (k, n)
+    # the single-sparse candidate (A = I or B = I) always has inner dimension min(m, n)
+    inner = k if est.single_sparse_ else r
+    assert est.n_components_ == inner
+    assert est.A_.shape == (m, inner)
+    assert est.B_.shape == (inner, n)
     assert est.components_ is est.B_
     assert est.nnz_ == est.A_.nnz + est.B_.nnz
     assert est.nnz_ <= density * m * n
-    assert est.nnz_ <= plan.max_nnz
+    if not est.single_sparse_:
+        assert est.nnz_ <= plan.max_nnz
     assert est.density_ == est.nnz_ / (m * n)
     assert est.A_.dtype == dtype and est.B_.dtype == dtype
     assert 1 <= est.n_iter_ <= max_iter
@@ -115,7 +119,7 @@ def test_fit_contract(shape, density, dtype, calibrated, max_iter, seed):
 
     codes = est.transform(W)
     assert codes.dtype == dtype
-    assert codes.shape == (m, k)
+    assert codes.shape == (m, inner)
     assert est.inverse_transform(codes).dtype == dtype
 
     # Finalisation is kept only when it does not raise the calibrated error; both

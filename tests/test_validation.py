@@ -103,16 +103,29 @@ def test_invalid_parameters_name_themselves(params, name):
 
 
 def test_budget_too_small_for_the_square_factor_states_the_minimum_density():
-    # 64x64, split 0.16: the square factor alone takes floor(0.16 * 4096) = 655 nonzeros,
-    # more than density 0.1 allows (409). It keeps 654 of them (strict rule), the other
-    # factor keeps at least 1% (40 of 4096): a total budget of 694 (density 0.16943) is the
-    # smallest that fits; the message states it rounded up to 4 decimals.
+    # 64x64 with the reference shape (inner_dim=64, split 0.16): the square factor alone
+    # takes floor(0.16 * 4096) = 655 nonzeros, more than density 0.1 allows (409). It keeps
+    # 654 of them (strict rule), the other factor keeps at least 1% (40 of 4096): a total
+    # budget of 694 (density 0.16943) is the smallest that fits; the message states it
+    # rounded up to 4 decimals.
+    reference = {"inner_dim": 64, "split": 0.16}
     with pytest.raises(ValueError, match=r"density=0.1 is too small .* the minimum density is 0\.1695$"):
-        DoubleSparseFactorization(density=0.1).fit(gaussian(64, 64))
-    est = DoubleSparseFactorization(density=0.1695, max_iter=3, tol=0).fit(gaussian(64, 64))
+        DoubleSparseFactorization(density=0.1, **reference).fit(gaussian(64, 64))
+    est = DoubleSparseFactorization(density=0.1695, max_iter=3, tol=0, **reference).fit(gaussian(64, 64))
     assert est.nnz_ <= 0.1695 * 64 * 64
     with pytest.raises(ValueError, match="minimum density is 0.1695"):
-        DoubleSparseFactorization(density=0.1694).fit(gaussian(64, 64))
+        DoubleSparseFactorization(density=0.1694, **reference).fit(gaussian(64, 64))
+
+
+def test_below_the_reference_minimum_density_the_automatic_shape_just_works():
+    # inner_dim="auto" (the default) moves a third of the budget into the square factor
+    # below the reference's minimum density instead of refusing the fit.
+    W = gaussian(64, 64)
+    for density in (0.1, 0.05, 0.02):
+        est = DoubleSparseFactorization(density=density, max_iter=4, tol=0).fit(W)
+        assert est.nnz_ <= density * 64 * 64
+        assert est.nnz_ >= 0.9 * density * 64 * 64
+        assert np.isfinite(est.reconstruction_err_) and est.reconstruction_err_ < 1.0
 
 
 def test_calibration_of_the_wrong_type():

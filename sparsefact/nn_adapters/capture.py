@@ -209,6 +209,23 @@ class _GramAccumulator:
         self.n_tokens += int(rows.shape[0])
 
 
+def _real_token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The ``(rows, features)`` of a layer input ``x`` that belong to real (unpadded) tokens.
+
+    ``mask`` is the batch's ``(batch, tokens)`` token mask (or None: every row). A
+    ``(batch, tokens, features)`` input is masked directly; a ``(batch * tokens, features)``
+    input -- decoders such as OPT flatten the tokens before their MLP -- by the row-major
+    flattened mask. Any other shape is taken whole.
+    """
+    if mask is not None and x.dim() >= 2:
+        mask = mask.to(x.device)
+        if tuple(x.shape[:-1]) == tuple(mask.shape):
+            return x[mask]
+        if x.dim() == 2 and mask.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
+            return x[mask.reshape(-1)]
+    return x.reshape(-1, x.shape[-1])
+
+
 class ActivationCapture:
     """Forward hooks that accumulate a float64 input Gram (or only its diagonal) for each target layer.
 
@@ -268,11 +285,7 @@ class ActivationCapture:
             if isinstance(module, nn.Conv2d):
                 acc.add(_conv_columns(module, x))
                 return
-            mask = _CURRENT_MASK.get()
-            if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
-                acc.add(x[mask.to(x.device)])
-            else:
-                acc.add(x.reshape(-1, x.shape[-1]))
+            acc.add(_real_token_rows(x, _CURRENT_MASK.get()))
 
         return hook
 

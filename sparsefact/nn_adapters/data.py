@@ -138,28 +138,34 @@ def minilm_model_path() -> Path:
     return Path(package.get_model_path())
 
 
-def load_text_model(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of a local Hugging Face folder (default: the packaged MiniLM), offline."""
+def load_text_model(path: str | os.PathLike | None = None, *, causal: bool = False) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of a local Hugging Face folder (default: the packaged MiniLM), offline.
+
+    ``causal=True`` loads the folder with ``AutoModelForCausalLM`` (logits, for perplexity)
+    instead of ``AutoModel`` (hidden states).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ImportError(f"loading a Hugging Face model folder needs transformers: {_INSTALL_HINT}") from exc
     folder = str(minilm_model_path() if path is None else path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    loader = AutoModelForCausalLM if causal else AutoModel
+    model = loader.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, tokenizer
 
 
-def load_model(spec: str | None = None) -> tuple[nn.Module, Any]:
+def load_model(spec: str | None = None, *, causal: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local HF folder, ``module:factory``, or ``None`` (MiniLM).
 
-    A factory is called without arguments and returns a model or ``(model, tokenizer)``.
+    A factory is called without arguments and returns a model or ``(model, tokenizer)``;
+    ``causal`` loads a folder as a causal LM (:func:`load_text_model`).
     """
     if spec is None or spec == "minilm":
-        return load_text_model(None)
+        return load_text_model(None, causal=causal)
     if ":" in spec and not Path(spec).exists():
         module_name, _, attr = spec.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
@@ -167,7 +173,7 @@ def load_model(spec: str | None = None) -> tuple[nn.Module, Any]:
         if isinstance(made, tuple):
             return made[0], made[1]
         return made, None
-    return load_text_model(spec)
+    return load_text_model(spec, causal=causal)
 
 
 def tokenize_batches(

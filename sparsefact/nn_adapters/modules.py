@@ -746,12 +746,18 @@ class LowRankLinear(_LowRank, DoubleSparseLinear):
 
 
 # ---------------------------------------------------------------------------- conv
-def _pair(v: Any, what: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(u) for u in v)
+def _pair(v: Any, what: str, minimum: int = 0) -> tuple[int, int]:
+    """``v`` as a pair of ints, each at least ``minimum``; ``ValueError`` naming ``what`` else."""
+    if isinstance(v, bool):
+        raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
+    try:
+        t = (int(v), int(v)) if isinstance(v, int) else tuple(int(u) for u in v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}") from None
     if len(t) != 2:
         raise ValueError(f"{what} must be an int or a pair, got {v!r}")
+    if min(t) < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {v!r}")
     return t  # type: ignore[return-value]
 
 
@@ -791,9 +797,9 @@ class _Conv2dFactors(_FactorModule):
 
     def _init_geometry(self, cin, cout, kernel_size, stride, padding, dilation) -> None:
         self.in_channels, self.out_channels = int(cin), int(cout)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.dilation = _pair(dilation, "dilation", 1)
         self.padding = _conv_padding(padding, self.kernel_size, self.dilation)
 
     @staticmethod
