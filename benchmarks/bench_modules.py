@@ -14,15 +14,28 @@ plus the bytes ``save_compressed`` writes for each compressed form vs the dense 
 Part 2 (``crossover``): one factor product ``W @ z`` (W of shape 1536x384, 384x384, 384x1536)
 at densities 0.01-0.5, CSR vs dense; this is the measurement behind ``layout="auto"``.
 
+Part 3 (``kernel``): the small-batch sparse kernel (:mod:`sparsefact.backends.spmv`, used by the
+modules' forward for at most ``KERNEL_MAX_ROWS`` input rows) against ``nn.Linear`` and the
+modules' torch path (dense layout), MiniLM shapes 1536x384, 384x1536, 384x384, densities 0.2 /
+0.3 / 0.5, batch 1 / 4 / 16, one torch thread; ratios to ``nn.Linear`` from the same round-robin
+run, and the bandwidth achieved (bytes of packed factor data read per forward / time) against a
+256 MB ``numpy.copyto``. Also the fixed cost of a forward through the kernel (an 8x8 layer), the
+``KERNEL_MAX_FILL`` sweep (dense-layout DSF at fill 0.4-0.9), and (part 4, ``model``) the MiniLM
+encoder's latency for one sentence, dense vs DSF 0.5 (kernel on / off) vs magnitude 0.5.
+
 torch runs with 2 threads; each timing is the median of short samples taken round-robin over
 the variants (see ``time_us``; the JSON also keeps the minimum sample). Usage::
 
     python benchmarks/bench_modules.py [--repeats 21] [--json benchmarks/results/bench_modules.json]
+        [--parts layers,crossover,kernel,model]
+
+A run of some of the parts keeps the other parts' results in the JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -39,6 +52,7 @@ from torch import nn
 
 from sparsefact import DoubleSparseFactorization, MagnitudePruning
 from sparsefact.nn_adapters import DoubleSparseLinear, SparseLinear, save_compressed
+from sparsefact.nn_adapters.modules import KERNEL_MAX_ROWS
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
@@ -49,6 +63,9 @@ DENSITIES = [0.2, 0.3, 0.5]
 BATCHES = [1, 16, 256]
 SWEEP_SHAPES = [(1536, 384), (384, 384), (384, 1536)]
 SWEEP_DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+KERNEL_SHAPES = [(1536, 384), (384, 1536), (384, 384)]
+KERNEL_BATCHES = [1, 4, 16]
+FILL_SWEEP = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def time_us(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -90,7 +107,7 @@ def file_bytes(module: nn.Module) -> int:
         return os.path.getsize(path)
 
 
-def fit_all() -> dict:
+def fit_all(shapes: list = SHAPES, densities: list = DENSITIES) -> dict:
     """All DSF and magnitude-pruning fits, done before any timing.
 
     Fitting changes the BLAS/OpenMP thread settings (Numba, threadpoolctl), so the thread count
@@ -98,10 +115,10 @@ def fit_all() -> dict:
     """
     fits = {}
     rng = np.random.default_rng(0)
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in shapes:
         W = rng.standard_normal((out_f, in_f)).astype(np.float32)
         b = rng.standard_normal(out_f).astype(np.float32)
-        for density in DENSITIES:
+        for density in densities:
             dsf = DoubleSparseFactorization(density, max_iter=2, finalize=False, random_state=0).fit(W)
             fits[(out_f, in_f, density)] = (W, b, dsf, MagnitudePruning(density).fit(W))
     return fits
@@ -174,6 +191,157 @@ def bench_crossover(repeats: int) -> list[dict]:
     return rows
 
 
+def copy_bandwidth(mbytes: int = 256, repeats: int = 5) -> dict:
+    """The machine's memory bandwidth: best of ``repeats`` ``numpy.copyto`` of ``mbytes`` MB."""
+    src = np.ones(mbytes * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return {"bytes": int(src.nbytes), "seconds": best, "copy_GBps": src.nbytes / best / 1e9,
+            "read_plus_write_GBps": 2 * src.nbytes / best / 1e9}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _torch_path(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` that never takes the kernel (shares the buffers)."""
+    clone = copy.copy(module)
+    clone.__dict__ = dict(module.__dict__)
+    clone.kernel = False
+    return clone
+
+
+def bench_kernel(fits: dict, repeats: int) -> dict:
+    """Part 3: the kernel path against nn.Linear and the torch path (see the module docstring)."""
+    rows = []
+    for out_f, in_f in KERNEL_SHAPES:
+        W, b = fits[(out_f, in_f, DENSITIES[0])][:2]
+        dense = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            dense.weight.copy_(torch.from_numpy(W))
+            dense.bias.copy_(torch.from_numpy(b))
+        for density in DENSITIES:
+            _, _, dsf, mp = fits[(out_f, in_f, density)]
+            dsf_mod = DoubleSparseLinear.from_estimator(dsf, b, layout="dense")
+            sp_mod = SparseLinear.from_estimator(mp, b, layout="dense")
+            mods = {"dsf_kernel": dsf_mod, "dsf_torch": _torch_path(dsf_mod),
+                    "sparse_kernel": sp_mod, "sparse_torch": _torch_path(sp_mod)}
+            for batch in KERNEL_BATCHES:
+                x = torch.randn(batch, in_f)
+                with torch.inference_mode():
+                    auto = {key: mods[key]._kernel_chain(x) is not None
+                            for key in ("dsf_kernel", "sparse_kernel")}
+                    for key in ("dsf_kernel", "sparse_kernel"):
+                        mods[key].kernel = True  # time the kernel also where "auto" would not take it
+                        assert (mods[key]._kernel_chain(x) is not None) == (batch <= KERNEL_MAX_ROWS), key
+                        torch.testing.assert_close(mods[key](x), mods[key.replace("kernel", "torch")](x),
+                                                   rtol=1e-4, atol=1e-4)
+                    fns = {"linear": lambda x=x, dense=dense: dense(x)}
+                    fns.update({key: (lambda x=x, mod=mod: mod(x)) for key, mod in mods.items()})
+                    times, best = time_us(fns, repeats)
+                    for key in ("dsf_kernel", "sparse_kernel"):
+                        mods[key].kernel = "auto"
+                chain_bytes = {"dsf": dsf_mod._kernel_state[1][0].nbytes,
+                               "sparse": sp_mod._kernel_state[1][0].nbytes}
+                row = {
+                    "shape": f"{out_f}x{in_f}", "density": density, "batch": batch,
+                    "A_density": dsf.A_.nnz / np.prod(dsf.A_.shape),
+                    "B_density": dsf.B_.nnz / np.prod(dsf.B_.shape),
+                    "kernel_fill": {"dsf": dsf_mod._kernel_state[1][3], "sparse": sp_mod._kernel_state[1][3]},
+                    "auto_takes_kernel": auto, "us": times, "min_us": best,
+                    "ratio_to_linear": {k: times[k] / times["linear"] for k in mods},
+                    "kernel_bytes": chain_bytes, "linear_bytes": int(W.nbytes + b.nbytes),
+                    "GBps": {"linear": (W.nbytes + b.nbytes) / times["linear"] / 1e3,
+                             "dsf_kernel": chain_bytes["dsf"] / times["dsf_kernel"] / 1e3,
+                             "sparse_kernel": chain_bytes["sparse"] / times["sparse_kernel"] / 1e3},
+                }
+                rows.append(row)
+                print(f"  {row['shape']} d={density} N={batch}: "
+                      + " ".join(f"{k}={v:.0f}" for k, v in times.items())
+                      + "  ratios " + " ".join(f"{k}={v:.2f}" for k, v in row["ratio_to_linear"].items()),
+                      flush=True)
+    return {"rows": rows, "overhead": bench_overhead(repeats), "fill_sweep": bench_fill(repeats)}
+
+
+def bench_overhead(repeats: int) -> dict:
+    """Fixed cost of a forward: an 8x8 layer, kernel path vs torch path vs nn.Linear (µs)."""
+    W = torch.eye(8) * 2
+    mod = SparseLinear.from_weight(W, torch.zeros(8), layout="csr")
+    dense = nn.Linear(8, 8)
+    x = torch.randn(1, 8)
+    ref = _torch_path(mod)
+    with torch.inference_mode():
+        mod(x)
+        chain = mod._kernel_chain(x)
+        xn = x.numpy()
+        times, _ = time_us({"linear": lambda: dense(x), "kernel_forward": lambda: mod(x),
+                            "torch_forward": lambda: ref(x),
+                            "kernel_checks": lambda: mod._kernel_chain(x),
+                            "numba_call": lambda: chain(xn)}, repeats)
+    return times
+
+
+def bench_fill(repeats: int) -> list[dict]:
+    """Kernel vs torch path of a dense-layout DoubleSparseLinear 1536x384 (k=384) by fill."""
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for fill in FILL_SWEEP:
+        A = torch.randn(1536, 384, generator=gen) * (torch.rand(1536, 384, generator=gen) < fill)
+        B = torch.randn(384, 384, generator=gen) * (torch.rand(384, 384, generator=gen) < fill)
+        mod = DoubleSparseLinear.from_factors(A, B, torch.zeros(1536), layout="dense")
+        mod.kernel = True
+        ref = _torch_path(mod)
+        for batch in (1, KERNEL_MAX_ROWS):
+            x = torch.randn(batch, 384)
+            with torch.inference_mode():
+                fns = {"kernel": lambda x=x, mod=mod: mod(x), "torch": lambda x=x, ref=ref: ref(x)}
+                times, _ = time_us(fns, repeats)
+            rows.append({"fill": mod._kernel_state[1][3], "batch": batch, "us": times,
+                         "kernel_over_torch": times["kernel"] / times["torch"]})
+            print(f"  fill {fill} N={batch}: kernel/torch {rows[-1]['kernel_over_torch']:.2f}", flush=True)
+    return rows
+
+
+def bench_model(repeats: int) -> dict:
+    """Part 4: MiniLM encoder latency for one sentence (batch 1), dense vs compressed at 0.5."""
+    from sparsefact.nn_adapters import compress_model
+    from sparsefact.nn_adapters.data import calibration_and_heldout, load_text_model, tokenize_batches
+
+    model, tokenizer = load_text_model()
+    calib, held = calibration_and_heldout(64, 8)
+    batches = tokenize_batches(tokenizer, calib, batch_size=32, max_length=64)
+    by_length = sorted(held, key=len)
+    sentences = {"short": by_length[0], "typical": by_length[len(held) // 2], "long": by_length[-1]}
+    dense = copy.deepcopy(model)
+    dsf, _ = compress_model(copy.deepcopy(model), batches, "dsf", 0.5, max_iter=2, finalize_iter=1,
+                            progress=False)
+    mag, _ = compress_model(copy.deepcopy(model), batches, "magnitude", 0.5, progress=False)
+    dsf_torch = copy.deepcopy(dsf)
+    for mod in dsf_torch.modules():
+        if hasattr(mod, "kernel"):
+            mod.kernel = False
+    out = {"compression": {"dsf": "compress_model(..., 'dsf', 0.5, max_iter=2, finalize_iter=1)",
+                           "magnitude": "compress_model(..., 'magnitude', 0.5)"}, "sentences": {}}
+    for name, sentence in sentences.items():
+        inputs = dict(tokenizer([sentence], return_tensors="pt"))
+        with torch.inference_mode():
+            ref = dsf_torch(**inputs).last_hidden_state
+            torch.testing.assert_close(dsf(**inputs).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+            variants = (("dense", dense), ("dsf_kernel", dsf), ("dsf_torch", dsf_torch),
+                        ("magnitude_kernel", mag))
+            fns = {key: (lambda m=m, inputs=inputs: m(**inputs)) for key, m in variants}
+            times, best = time_us(fns, max(3, repeats // 3))
+        tokens = int(inputs["input_ids"].shape[1])
+        out["sentences"][name] = {"tokens": tokens, "text": sentence, "us": times, "min_us": best,
+                                  "ratio_to_dense": {k: v / times["dense"] for k, v in times.items()}}
+        print(f"  MiniLM {name} ({tokens} tokens): "
+              + " ".join(f"{k}={v / 1e3:.2f}ms" for k, v in times.items()), flush=True)
+    return out
+
+
 def markdown(layers: list[dict], sweep: list[dict]) -> str:
     out = ["Forward µs, median (min) of the samples; files in KiB as written by save_compressed", "",
            "| layer | density | batch | nn.Linear µs | DSF csr µs | DSF dense µs | Sparse csr µs "
@@ -198,31 +366,73 @@ def markdown(layers: list[dict], sweep: list[dict]) -> str:
     return "\n".join(out)
 
 
+def kernel_markdown(kernel: dict, bandwidth: dict) -> str:
+    out = ["Kernel path (batch <= KERNEL_MAX_ROWS) vs nn.Linear, 1 torch thread: µs (ratio to nn.Linear); "
+           f"packed-factor GB/s (machine copy: {bandwidth['copy_GBps']:.1f} GB/s)", "",
+           "| layer | density | batch | nn.Linear µs | DSF kernel | DSF torch | Sparse kernel | Sparse torch "
+           "| GB/s linear / DSF / sparse |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in kernel["rows"]:
+        cells = [f"{r['us'][k]:.0f} ({r['ratio_to_linear'][k]:.2f})"
+                 for k in ("dsf_kernel", "dsf_torch", "sparse_kernel", "sparse_torch")]
+        g = r["GBps"]
+        out.append(f"| {r['shape']} | {r['density']} | {r['batch']} | {r['us']['linear']:.0f} | "
+                   + " | ".join(cells)
+                   + f" | {g['linear']:.1f} / {g['dsf_kernel']:.1f} / {g['sparse_kernel']:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="layers,crossover,kernel,model")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_modules.json"))
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
-    print("fitting ...", flush=True)
-    fits = fit_all()
-    with threadpool_limits(limits=args.threads):
-        torch.set_num_threads(args.threads)
-        print(f"layers (torch threads: {torch.get_num_threads()}):", flush=True)
-        layers = bench_layers(fits, args.repeats)
-        print("crossover:", flush=True)
-        sweep = bench_crossover(args.repeats)
-    table = markdown(layers, sweep)
-    print()
-    print(table)
-    result = {
-        "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-        "machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "loadavg": os.getloadavg(), "layers": layers, "crossover": sweep, "markdown": table,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    path = Path(args.json)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if parts & {"layers", "crossover"}:
+        print("fitting ...", flush=True)
+        fits = fit_all()
+        with threadpool_limits(limits=args.threads):
+            torch.set_num_threads(args.threads)
+            print(f"layers (torch threads: {torch.get_num_threads()}):", flush=True)
+            layers = bench_layers(fits, args.repeats) if "layers" in parts else result.get("layers", [])
+            print("crossover:", flush=True)
+            sweep = bench_crossover(args.repeats) if "crossover" in parts else result.get("crossover", [])
+        table = markdown(layers, sweep)
+        print()
+        print(table)
+        result.update({
+            "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+            "machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg(), "layers": layers, "crossover": sweep, "markdown": table,
+        })
+    if parts & {"kernel", "model"}:
+        fits = fit_all(KERNEL_SHAPES) if "kernel" in parts else {}
+        load_before = os.getloadavg()
+        with threadpool_limits(limits=1):
+            torch.set_num_threads(1)
+            bandwidth = copy_bandwidth()
+            print(f"memory copy: {bandwidth['copy_GBps']:.1f} GB/s", flush=True)
+            if "kernel" in parts:
+                print("kernel (torch threads: 1):", flush=True)
+                kernel = bench_kernel(fits, args.repeats)
+                kernel.update({"threads": 1, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                               "bandwidth": bandwidth, "KERNEL_MAX_ROWS": KERNEL_MAX_ROWS})
+                kernel["markdown"] = kernel_markdown(kernel, bandwidth)
+                print()
+                print(kernel["markdown"])
+                result["kernel"] = kernel
+            if "model" in parts:
+                print("MiniLM (torch threads: 1):", flush=True)
+                model_load = os.getloadavg()
+                result["model_batch1"] = {**bench_model(args.repeats), "threads": 1,
+                                          "loadavg_before": model_load, "loadavg_after": os.getloadavg()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.json}")
 
 

@@ -11,6 +11,8 @@ selection error relative to the reference preset and the CPU-time ratio.
 Usage::
 
     python benchmarks/tune_quality_preset.py --densities 0.5,0.3 --out benchmarks/results/tune_quality.json
+    python benchmarks/tune_quality_preset.py --densities 0.2,0.3 --candidates reference quality \
+        quality-share1/3 quality-share1/2 --out benchmarks/results/tune_quality_split.json
 """
 
 from __future__ import annotations
@@ -50,7 +52,18 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "quality-refit2": {"preset": "quality", "refit_iter": 2},
     "quality-damp0.01": {"preset": "quality", "damping": 0.01},
     "quality-damp0.1": {"preset": "quality", "damping": 0.1},
+    # a third / half of the budget in the square factor (for square W: split = density * share)
+    "quality-share1/3": {"preset": "quality", "split": lambda m, n, d: d * m * n / (3 * min(m, n) ** 2)},
+    "quality-share1/2": {"preset": "quality", "split": lambda m, n, d: d * m * n / (2 * min(m, n) ** 2)},
 }
+
+
+def _params(name: str, shape: tuple[int, int], density: float) -> dict[str, Any]:
+    """The candidate's parameters, with a callable split resolved for the shape and density."""
+    params = dict(CANDIDATES[name])
+    if callable(params.get("split")):
+        params["split"] = min(1.0, params["split"](*shape, density))
+    return params
 
 
 def grams(args: argparse.Namespace) -> tuple[list[str], dict, dict, dict]:
@@ -89,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             for density in args.densities:
                 for cand in ["reference", *[c for c in args.candidates if c != "reference"]]:
                     start = time.process_time()
-                    est = DoubleSparseFactorization(density, **CANDIDATES[cand]).fit(W, calibration=fit[name])
+                    params = _params(cand, W.shape, density)
+                    est = DoubleSparseFactorization(density, **params).fit(W, calibration=fit[name])
                     seconds = time.process_time() - start
                     err = relative_error(W, est.reconstruct(), select[name].gram())
                     rows.append({"layer": name, "density": density, "candidate": cand, "seconds": seconds,
@@ -110,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {cand} | {density} | {err_ratio:.3f} | {time_ratio:.2f} |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        described = {c: {k: ("callable of (m, n, density)" if callable(v) else v)
+                         for k, v in CANDIDATES[c].items()} for c in args.candidates}
         args.out.write_text(json.dumps({"layers": names, "rows": rows, "summary": summary,
-                                        "candidates": {c: CANDIDATES[c] for c in args.candidates}},
-                                       indent=1) + "\n")
+                                        "candidates": described}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .dsf import (
     refit_both_factors,
     resolve_shape,
     search_split,
+    share_split,
     single_sparse_candidate,
 )
 from .dsf_exact import double_sparse_factorization_exact
@@ -48,6 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 #: Conjugate-gradient iterations per factor and round of the quality re-fit.
 REFIT_CG_ITER = 20
+#: Above this share of the budget in the square factor (the reference split at low density), the
+#: quality preset's second stage is a fresh alternation with a third of the budget there
+#: (``DoubleSparseFactorization._quality_resplit``; measured on calibration data, docs/variants.md).
+QUALITY_MAX_SQUARE_SHARE = 2.0 / 3.0
 
 
 def _check_inner_dimension(m: int, n: int) -> None:
@@ -403,7 +408,17 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         left, right, error = result.left, result.right, result.error
         self.reference_err_ = result.error
         self.preset_fallback_ = False
-        if stages["restart_iter"] > 0 and result.state is not None:
+        resplit = self._quality_resplit(result.plan) if stages["restart_iter"] > 0 else None
+        if resplit is not None:
+            # The reference split gives the square factor most of a small budget (80% at density
+            # 0.2 for square W): a fresh alternation with a third of it there was measured far
+            # better than continuing (docs/variants.md); the reference stays the fallback.
+            split = resplit
+            result = double_sparse_factorization(
+                W, gram, engine=engine, split=split, **{**options, "max_iter": stages["restart_iter"]},
+            )
+            left, right, error = result.left, result.right, result.error
+        elif stages["restart_iter"] > 0 and result.state is not None:
             # Same plan as the first stage: a restart with another split was measured worse
             # (the carried supports fit the old budget; docs/variants.md).
             result = double_sparse_factorization(
@@ -423,8 +438,10 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
                 cg_iter=REFIT_CG_ITER, damping=stages["damping"],
             )
             error = relative_error(W, engine.matmul(left, right), gram)
+        plan = result.plan
         if not error <= reference.error:  # also catches NaN
             left, right, error = reference.left, reference.right, reference.error
+            plan = reference.plan
             self.preset_fallback_ = self.preset != "reference"
         self.single_sparse_ = False
         pruners = self._fallback_pruners()
@@ -439,7 +456,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.B_ = engine.to_sparse(right)
         self.components_ = self.B_
         self.n_components_ = int(right.shape[0])
-        self.split_ = result.plan.split
+        self.split_ = plan.split
         self.n_iter_ = reference.n_iter
         self.errors_ = list(reference.errors)
         self.error_before_finalize_ = reference.error_before_finalize
@@ -448,6 +465,20 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             nnz=int(self.A_.nnz + self.B_.nnz),
             calibrated_err=error,
         )
+
+    def _quality_resplit(self, plan: Any) -> float | None:
+        """The quality preset's split when the reference one over-serves the square factor, else None.
+
+        Only for ``split="auto"`` with unstructured factors at the reference shape: where the
+        square factor's share of the budget exceeds :data:`QUALITY_MAX_SQUARE_SHARE`, the split
+        that gives it :data:`~sparsefact.dsf.LOW_RANK_SHARE` of the budget instead.
+        """
+        if self.preset != "quality" or self.split != "auto" or self.n_m is not None or plan.r != plan.k:
+            return None
+        total = self.density * plan.m * plan.n
+        if plan.budget_square <= QUALITY_MAX_SQUARE_SHARE * total:
+            return None
+        return share_split(plan.m, plan.n, self.density, plan.r, self.masks)
 
     def _fallback_pruners(self) -> str | None:
         """The single-sparse candidate's pruners (``fallback`` with ``"auto"`` resolved)."""

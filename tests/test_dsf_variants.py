@@ -297,3 +297,21 @@ def test_budget_is_spent_also_with_dead_inputs(shape, preset):
         budget = math.floor(density * m * n)
         assert budget - 2 <= est.nnz_ <= budget, (density, est.nnz_, budget)
         assert np.isfinite(est.calibrated_err_)
+
+
+def test_quality_preset_moves_budget_out_of_an_over_served_square_factor():
+    # Square W at density 0.2: the reference split 0.16 puts 80% of the budget in the square
+    # factor; the quality preset's second stage gives it a third instead (QUALITY_MAX_SQUARE_SHARE)
+    # and, as always, never ends above the reference.
+    from sparsefact.estimators import QUALITY_MAX_SQUARE_SHARE
+
+    W = gaussian(48, 48, seed=5)
+    X = scaled_activations(200, 48, seed=6)
+    reference = _fit(W, X, density=0.2, **FAST)
+    quality = _fit(W, X, density=0.2, **QUICK_QUALITY)
+    assert QUALITY_MAX_SQUARE_SHARE * 0.2 * 48 * 48 < 0.16 * 48 * 48
+    assert quality.calibrated_err_ <= reference.calibrated_err_
+    if not quality.preset_fallback_:
+        assert quality.split_ == pytest.approx(0.2 / 3, rel=1e-12)
+    # at density 0.5 the reference split (a third of the budget) is kept
+    assert _fit(W, X, density=0.5, **QUICK_QUALITY).split_ == pytest.approx(0.16)

@@ -11,12 +11,27 @@ from torch.nn import functional as nnf  # noqa: E402
 
 from sparsefact import Calibration  # noqa: E402
 from sparsefact.nn_adapters.capture import (  # noqa: E402
+    GRAM_CHUNK_ROWS,
     ActivationCapture,
     capture_calibrations,
     layer_matrix,
     select_layers,
     token_mask,
 )
+
+
+def assert_float32_gram(G: torch.Tensor, X: torch.Tensor) -> None:
+    """``G`` is ``X^T X`` up to the rounding of float32 products (the capture's arithmetic).
+
+    The forward error bound of a float32 dot product of ``n`` terms, ``n u |x|^T |y|``
+    (``u = 2**-24``), with ``n`` the rows of one product chunk (``GRAM_CHUNK_ROWS`` at most);
+    the float64 sum of the chunks adds nothing visible at that scale.
+    """
+    X = X.double()
+    n = min(X.shape[0], GRAM_CHUNK_ROWS) + 1
+    bound = n * 2.0**-24 * (X.abs().T @ X.abs())
+    err = (G.double() - X.T @ X).abs()
+    assert bool((err <= bound + 1e-300).all()), float((err / (bound + 1e-300)).max())
 
 
 def _hooks(model: nn.Module) -> int:
@@ -44,7 +59,7 @@ def test_linear_gram_equals_xtx():
         cap.run(batches)
     assert cap.names == ["0", "2"]
     X0 = torch.cat([b.reshape(-1, 6) for b in batches]).double()
-    np.testing.assert_allclose(cap.gram("0").numpy(), (X0.T @ X0).numpy(), rtol=1e-12)
+    assert_float32_gram(cap.gram("0"), X0)
     H = torch.tanh(model[0](X0.float())).double().detach()
     np.testing.assert_allclose(cap.gram("2").numpy(), (H.T @ H).numpy(), rtol=1e-5)
     cal = cap.calibration("0")
@@ -87,7 +102,7 @@ def test_conv2d_gram_is_im2col(kwargs, shape):
             x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
         )
         X = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-        np.testing.assert_allclose(G.numpy(), (X.T @ X).numpy(), rtol=1e-10, atol=1e-10)
+        assert_float32_gram(G, X)
 
 
 def test_attention_mask_excludes_padding():
@@ -100,7 +115,7 @@ def test_attention_mask_excludes_padding():
         model(x)
     X = x[mask.bool()].double()
     assert cap.n_tokens["0"] == 8
-    np.testing.assert_allclose(cap.gram("0").numpy(), (X.T @ X).numpy(), rtol=1e-12)
+    assert_float32_gram(cap.gram("0"), X)
 
 
 class DictModel(nn.Module):
@@ -125,7 +140,7 @@ def test_dict_batches_use_their_attention_mask():
     assert set(cals) == {"proj"}  # embeddings are not layers; the head is skipped by default
     X = model.emb(ids)[mask.bool()].double().detach()
     assert cals["proj"].n_samples == 6
-    np.testing.assert_allclose(cals["proj"].gram(), (X.T @ X).numpy(), rtol=1e-10)
+    assert_float32_gram(torch.from_numpy(cals["proj"].gram()), X)
 
 
 def test_select_layers_by_type_regex_list_and_callable():
@@ -180,9 +195,69 @@ def test_diag_statistic_accumulates_only_the_diagonal():
         cal = diag_cap.calibration(name)
         assert cal.statistic == "diag" and cal.n_samples == caps["gram"].n_tokens[name]
         full = caps["gram"].calibration(name)
-        np.testing.assert_allclose(cal.diag(), np.diag(full.gram()), rtol=1e-12)
-        torch.testing.assert_close(diag_cap.diag(name), caps["gram"].diag(name))
+        # the diagonal statistic is accumulated in float64, the full Gram from float32 products
+        np.testing.assert_allclose(cal.diag(), np.diag(full.gram()), rtol=1e-6)
+        torch.testing.assert_close(diag_cap.diag(name), caps["gram"].diag(name), rtol=1e-6, atol=0)
         with pytest.raises(ValueError, match="diagonal"):
             diag_cap.gram(name)
     with pytest.raises(ValueError, match="statistic"):
         ActivationCapture(model, statistic="full")
+
+
+# ---------------------------------------------------------------------------- accumulation arithmetic
+def test_float64_inputs_keep_the_float64_product():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(7, 3)).double()
+    x = torch.randn(40, 7, dtype=torch.float64)
+    with ActivationCapture(model) as cap:
+        cap.run(x)
+    assert torch.equal(cap.gram("0"), x.T @ x)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float32, 1.0), (torch.float32, 1e30), (torch.float32, 1e-30), (torch.float16, 1.0),
+     (torch.bfloat16, 1.0)],
+)
+def test_low_precision_inputs_neither_overflow_nor_underflow(dtype, scale):
+    # float32 products of 1e30-sized activations would overflow (1e60 > 3.4e38) and of 1e-30-sized
+    # ones underflow; the power-of-two scaling of the batch keeps both exact in range.
+    torch.manual_seed(6)
+    x = (torch.randn(50, 6, dtype=torch.float64) * scale).to(dtype)
+    model = nn.Sequential(nn.Identity(), nn.Linear(6, 2).to(dtype))
+    with ActivationCapture(model, names=["1"]) as cap:
+        cap.run(x)
+    G = cap.gram("1")
+    assert torch.isfinite(G).all() and G.dtype == torch.float64
+    assert_float32_gram(G, x.double())
+
+
+def test_non_finite_activations_reach_the_gram():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.ones(4, 3)
+    x[1, 2] = float("inf")
+    with ActivationCapture(model) as cap, torch.no_grad():
+        model(x)
+    assert not torch.isfinite(cap.gram("0")).all()
+
+
+def test_rows_beyond_one_chunk_are_accumulated(monkeypatch):
+    import sparsefact.nn_adapters.capture as capture
+
+    monkeypatch.setattr(capture, "GRAM_CHUNK_ROWS", 3)
+    torch.manual_seed(7)
+    x = torch.randn(11, 4)
+    model = nn.Sequential(nn.Linear(4, 2))
+    with ActivationCapture(model) as cap:
+        cap.run(x)
+    assert cap.n_tokens["0"] == 11
+    assert_float32_gram(cap.gram("0"), x)
+    X = x.double()
+    np.testing.assert_allclose(cap.gram("0").numpy(), (X.T @ X).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_time_is_reported_per_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with ActivationCapture(model) as cap:
+        cap.run([torch.randn(8, 4), torch.randn(8, 4)])
+    assert set(cap.seconds) == {"0", "2"} and all(s > 0 for s in cap.seconds.values())

@@ -147,6 +147,9 @@ def test_cnn_layer_mode_replaces_conv_and_linear():
     assert [r["shape"] for r in everything] == [[8, 27], [12, 72], [10, 108]] and not everything.skipped
     assert report[0]["n_tokens"] == 16 * 8 * 8  # one im2col row per output position
     assert all(0 < r["calibrated_err"] < 1 for r in report)
+    assert all(r["capture_seconds"] > 0 for r in report)  # the calibration pass, timed per layer
+    _, blind = compress_model(_cnn(), None, "magnitude", 0.5, progress=False, measure_error=False)
+    assert all(r["capture_seconds"] == 0.0 for r in blind)  # magnitude needs no pass
     assert _rel(model(x).detach(), ref) < 0.8
     assert _hooks(model) == 0
 

@@ -107,9 +107,9 @@ def test_file_contents_and_metadata(compressed_model, tmp_path):
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
         keys = set(fh.keys())
-    assert meta["format"] == "sparsefact" and meta["format_version"] == "2"
+    assert meta["format"] == "sparsefact" and meta["format_version"] == "3"
     config = json.loads(meta["config"])
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     sums = json.loads(meta["checksums"])
     assert sums["algorithm"] == "sha256" and set(sums["tensors"]) == keys
     assert all(len(d) == 64 for d in [sums["config"], *sums["tensors"].values()])
@@ -118,11 +118,22 @@ def test_file_contents_and_metadata(compressed_model, tmp_path):
     conv = config["modules"][1]
     assert conv["class"] == "DoubleSparseConv2d"
     assert conv["kernel_size"] == [3, 3] and conv["stride"] == [2, 2]
-    assert conv["dtype"] == "float32"
-    assert "2.A.crow_indices" in keys and "2.A.values" in keys and "2.bias" in keys
+    assert conv["dtype"] == "float32" and conv["values_dtype"] == "float32"
+    # small half-dense factors: a bitmask beats CSR (int16 columns cost more than 1 bit per entry)
+    assert config["modules"][0]["storage"] == {"A": "bitmask", "B": "bitmask"}
+    assert config["modules"][2]["storage"] == {"weight": "bitmask"}
+    assert "2.A.bitmask" in keys and "2.A.values" in keys and "2.bias" in keys
     assert "0.weight" in keys and "5.running_var" in keys
-    assert not any(k.startswith(("2.A", "9.weight")) and not k.endswith(("indices", "values")) for k in keys)
+    assert not any(k.startswith(("2.A", "9.weight")) and not k.endswith(("bitmask", "values")) for k in keys)
     assert set(config["dense_keys"]) == {k for k in keys if not k.startswith(("2.", "7.", "9."))}
+    # CSR only, as a version-2 file would have it
+    save_compressed(compressed_model, path, storages=("dense", "csr"))
+    with safe_open(str(path), "pt") as fh:
+        keys = set(fh.keys())
+        config = json.loads(fh.metadata()["config"])
+    assert config["modules"][0]["storage"] == {"A": "csr", "B": "csr"}
+    assert "2.A.crow_indices" in keys and "2.A.values" in keys and "2.A.bitmask" not in keys
+    assert not any(k.startswith(("2.A", "9.weight")) and not k.endswith(("indices", "values")) for k in keys)
 
 
 def test_file_size_reflects_sparsity(tmp_path):
@@ -190,8 +201,12 @@ def _rewrite(src, dst, *, tensors=None, metadata=None, unsigned=True):
 
 @pytest.fixture
 def saved(compressed_model, tmp_path):
+    """The model saved with CSR (no bitmask) storage, so that the CSR checks below see CSR arrays.
+
+    The bitmask storage has its own corruption tests in tests/test_nn_io_bitmask.py.
+    """
     path = tmp_path / "ok.safetensors"
-    save_compressed(compressed_model, path)
+    save_compressed(compressed_model, path, storages=("dense", "csr"))
     return path
 
 
@@ -326,20 +341,31 @@ def test_format_version_1_file_still_loads(tmp_path):
     # the factors are bit-identical; the output up to float32 rounding (MKL sums in an order
     # that depends on the thread count: the reference was computed with the default threads)
     torch.testing.assert_close(y, torch.from_numpy(ref["y"]), rtol=1e-6, atol=1e-5)
-    # saving it again writes the same config, key for key, as format version 2 (+ checksums)
+    # saving it again writes the same config, key for key, as format version 3 (+ checksums,
+    # values_dtype); with the storages of version 1 (dense, CSR) the same tensors too
     from safetensors import safe_open
 
-    again = tmp_path / "again.safetensors"
-    save_compressed(loaded, again)
-    with safe_open(path, "pt") as old, safe_open(str(again), "pt") as new:
-        assert "checksums" not in old.metadata() and old.metadata()["format_version"] == "1"
-        new_config, old_config = json.loads(new.metadata()["config"]), json.loads(old.metadata()["config"])
-        assert new_config.pop("format_version") == 2 and old_config.pop("format_version") == 1
-        assert new_config == old_config
-        assert set(new.keys()) == set(old.keys())
-        assert set(json.loads(new.metadata()["checksums"])["tensors"]) == set(new.keys())
-    with torch.no_grad():
-        assert torch.equal(load_compressed(v1_dense_model, again).eval()(torch.from_numpy(ref["x"])), y)
+    for storages in [("dense", "csr"), ("dense", "csr", "bitmask")]:
+        again = tmp_path / "again.safetensors"
+        save_compressed(loaded, again, storages=storages)
+        with safe_open(path, "pt") as old, safe_open(str(again), "pt") as new:
+            assert "checksums" not in old.metadata() and old.metadata()["format_version"] == "1"
+            new_config = json.loads(new.metadata()["config"])
+            old_config = json.loads(old.metadata()["config"])
+            assert new_config.pop("format_version") == 3 and old_config.pop("format_version") == 1
+            for cfg in new_config["modules"]:
+                assert cfg.pop("values_dtype") == cfg["dtype"]
+            if "bitmask" in storages:
+                # every half-dense factor of this small model is smaller as a bitmask
+                for new_cfg, old_cfg in zip(new_config["modules"], old_config["modules"], strict=True):
+                    assert set(new_cfg.pop("storage").values()) <= {"bitmask", "dense"}
+                    old_cfg.pop("storage")
+            assert new_config == old_config
+            if "bitmask" not in storages:
+                assert set(new.keys()) == set(old.keys())
+            assert set(json.loads(new.metadata()["checksums"])["tensors"]) == set(new.keys())
+        with torch.no_grad():
+            assert torch.equal(load_compressed(v1_dense_model, again).eval()(torch.from_numpy(ref["x"])), y)
 
 
 def every_family_model() -> nn.Module:

@@ -1,13 +1,16 @@
 """Corrupted files never load silently (issue 18, item 8): every single-byte flip of a saved file.
 
-A tiny compressed model (a CSR-stored double-sparse Linear, a dense-stored sparse Conv2d whose
-geometry only the config holds, an untouched Linear and an integer buffer) is saved once; then every
-byte of the file is flipped, one at a time, with two masks (``0x01``: the smallest change, e.g. a
-digit ``2 -> 3`` in the header; ``0xFF``: every bit). Each flipped file must either fail to load with
-a ``ValueError`` or load a model whose outputs are bit-identical to the original's. In the data region
-(the tensors' bytes) every flip must fail: the checksums cover every byte. A format-version-1 file (no
-checksums) must still never surface another exception type (a raw torch ``RuntimeError``, a
-``KeyError``...) from ``load_compressed``.
+A tiny compressed model (a double-sparse Linear, a sparse Conv2d whose geometry only the config
+holds, an untouched Linear and an integer buffer) is saved three times, once per factor storage:
+``storages=("dense", "csr")`` (the conv dense, the double-sparse factors CSR), ``("dense",
+"bitmask")`` and ``("dense", "bitmask-deflate")`` (every factor a bitmask, or a zlib-compressed
+bitmask), so that every kind of tensor a file can hold is corrupted. Then every byte of each file
+is flipped, one at a time, with two masks (``0x01``: the smallest change, e.g. a digit ``2 -> 3``
+in the header; ``0xFF``: every bit). Each flipped file must either fail to load with a
+``ValueError`` or load a model whose outputs are bit-identical to the original's. In the data
+region (the tensors' bytes) every flip must fail: the checksums cover every byte. A
+format-version-1 file (no checksums) must still never surface another exception type (a raw torch
+``RuntimeError``, a zlib error, a ``KeyError``...) from ``load_compressed``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def dense_model() -> nn.Module:
 
 
 def tiny_model() -> nn.Module:
-    """dense_model() with the conv sparse (stored dense) and the last Linear double sparse (stored CSR)."""
+    """dense_model() with the conv sparse (80 % of its entries) and the last Linear double sparse."""
     torch.manual_seed(0)
     model = dense_model()
     model.steps.fill_(3)
@@ -56,15 +59,27 @@ def tiny_model() -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+#: storages= of each saved file, and the storage every factor then takes.
+STORAGE_SETS = {
+    "csr": (("dense", "csr"), [{"weight": "dense"}, {"A": "csr", "B": "csr"}]),
+    "bitmask": (("dense", "bitmask"), [{"weight": "bitmask"}, {"A": "bitmask", "B": "bitmask"}]),
+    "bitmask-deflate": (("dense", "bitmask-deflate"),
+                        [{"weight": "bitmask-deflate"}, {"A": "bitmask-deflate", "B": "bitmask-deflate"}]),
+}
+#: the tensors of each storage (suffixes after ``<module>.<factor>``).
+PARTS = {"dense": ("",), "csr": (".crow_indices", ".col_indices", ".values"),
+         "bitmask": (".bitmask", ".values"), "bitmask-deflate": (".bitmask_deflate", ".values")}
+
+
+@pytest.fixture(scope="module", params=list(STORAGE_SETS))
+def saved(tmp_path_factory, request):
     model = tiny_model()
-    path = tmp_path_factory.mktemp("flip") / "tiny.safetensors"
-    save_compressed(model, path)
+    path = tmp_path_factory.mktemp("flip") / f"tiny-{request.param}.safetensors"
+    save_compressed(model, path, storages=STORAGE_SETS[request.param][0])
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x)
-    return path, x, y
+    return path, x, y, request.param
 
 
 def _data_start(raw: bytes) -> int:
@@ -106,20 +121,22 @@ def _run(raw: bytes, positions, target, x, y) -> dict[str, list[tuple[int, int]]
 
 
 def test_the_tiny_file_has_every_kind_of_tensor(saved):
-    path, x, y = saved
+    path, x, y, kind = saved
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
         config = json.loads(fh.metadata()["config"])
         keys = set(fh.keys())
-    assert [m["storage"] for m in config["modules"]] == [{"weight": "dense"}, {"A": "csr", "B": "csr"}]
-    assert keys == {"0.weight", "steps", "2.weight", "2.bias", "5.bias",
-                    *(f"5.{f}.{part}" for f in "AB" for part in ("crow_indices", "col_indices", "values"))}
+    storages = STORAGE_SETS[kind][1]
+    assert [m["storage"] for m in config["modules"]] == storages
+    factors = [(name, f, s) for name, storage in zip("25", storages, strict=True) for f, s in storage.items()]
+    assert keys == {"0.weight", "steps", "2.bias", "5.bias",
+                    *(f"{name}.{f}{part}" for name, f, s in factors for part in PARTS[s])}
     assert _outcome(path, x, y) == "identical"
 
 
 def test_every_byte_flip_in_the_data_region_is_refused(saved, tmp_path):
-    path, x, y = saved
+    path, x, y, _storage = saved
     raw = path.read_bytes()
     start = _data_start(raw)
     assert 300 < len(raw) - start < 1000  # tiny: the test takes seconds
@@ -129,7 +146,7 @@ def test_every_byte_flip_in_the_data_region_is_refused(saved, tmp_path):
 
 
 def test_every_byte_flip_in_the_header_is_refused_or_harmless(saved, tmp_path):
-    path, x, y = saved
+    path, x, y, _storage = saved
     raw = path.read_bytes()
     seen = _run(raw, range(_data_start(raw)), tmp_path / "f.safetensors", x, y)
     bad = seen["changed"] + seen["broken"]
@@ -141,7 +158,7 @@ def test_version_1_file_flips_never_raise_anything_but_value_error(saved, tmp_pa
     """Without checksums a finite value change is undetectable (docs/reliability.md), but structure is
     checked: every flip either loads or raises ValueError, never a raw torch error. (A geometry in the
     unverified config, e.g. a stride of 0, can still load and fail in the forward pass: "broken".)"""
-    path, x, y = saved
+    path, x, y, _storage = saved
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:

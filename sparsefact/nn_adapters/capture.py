@@ -25,13 +25,25 @@ has an ``"attention_mask"`` entry. A hook applies the current mask (shape
 ``(batch, tokens)``, nonzero = real token) when the leading axes of the layer's input
 equal the mask's shape, i.e. the input is ``(batch, tokens, features)``; inputs of
 another shape (convolutions, layers that see pooled vectors) are taken whole.
+
+Speed: the Gram is a GEMM per batch. Inputs in float32 (or float16/bfloat16) are multiplied
+in float32 -- about twice the float64 rate -- in chunks of :data:`GRAM_CHUNK_ROWS` rows (after
+an exact power-of-two scaling of batches of extreme magnitude, so that neither overflow nor
+underflow can happen), and every chunk's product is added to the float64 accumulator. The
+relative rounding of a chunk's product is typically ``sqrt(GRAM_CHUNK_ROWS) * 2**-24`` (~5e-6),
+far below the sampling noise of any calibration set. Float64 inputs keep the float64 product (bit for bit as
+before). :attr:`ActivationCapture.seconds` gives the time spent in each layer's hook
+(unfolding, masking and accumulation); ``compress_model`` reports it per layer
+(``capture_seconds``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +54,7 @@ from torch.nn import functional as nnf
 from ..calibration import Calibration
 
 __all__ = [
+    "GRAM_CHUNK_ROWS",
     "ActivationCapture",
     "HEAD_PATTERN",
     "capture_calibrations",
@@ -58,6 +71,10 @@ __all__ = [
 HEAD_PATTERN = (
     r"(^|\.)(lm_head|classifier|head|heads|score|qa_outputs|embed_out|output_projection|pooler)(\.|$)"
 )
+
+#: Rows per float32 product when a low-precision batch's Gram is accumulated (see the module docstring).
+GRAM_CHUNK_ROWS = 8192
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 _CURRENT_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "sparsefact_token_mask", default=None
@@ -187,21 +204,62 @@ def _conv_columns(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-class _GramAccumulator:
-    """Float64 sum of ``x xᵀ`` (``statistic="gram"``) or of ``x²`` per feature (``"diag"``) over rows."""
+def _float32_gram(x: torch.Tensor) -> torch.Tensor | None:
+    """``x^T x`` in float64 from float32 products (row chunks; power-of-two scaling if needed).
 
-    __slots__ = ("gram", "n_tokens", "statistic")
+    A batch whose largest magnitude lies in ``[2**-40, 2**40]`` is multiplied as it is (a sum
+    of ``GRAM_CHUNK_ROWS`` squares stays below ``2**93``, far from float32's ``2**128``); any
+    other batch is first scaled by an exact power of two so that neither overflow nor underflow
+    can happen. ``None`` when ``x`` holds a non-finite value (the caller then takes the float64
+    path, which carries the inf/NaN into the Gram, where the fit's validation reports it).
+    """
+    x32 = x.to(torch.float32)
+    amax = float(x32.abs().max())
+    if not math.isfinite(amax):
+        return None
+    n = x32.shape[1]
+    if amax == 0.0:
+        return torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    exponent = 0 if 2.0**-40 <= amax <= 2.0**40 else math.frexp(amax)[1]
+    scale = math.ldexp(1.0, -exponent)
+    out = None
+    for start in range(0, x32.shape[0], GRAM_CHUNK_ROWS):
+        chunk = x32[start : start + GRAM_CHUNK_ROWS]
+        if exponent:
+            chunk = chunk * scale
+        product = (chunk.T @ chunk).to(torch.float64)
+        out = product if out is None else out.add_(product)
+    return out if not exponent else out * math.ldexp(1.0, 2 * exponent)
+
+
+class _GramAccumulator:
+    """Float64 sum of ``x xᵀ`` (``statistic="gram"``) or of ``x²`` per feature (``"diag"``) over rows.
+
+    Float32 / float16 / bfloat16 rows are multiplied in float32 (:func:`_float32_gram`); float64
+    rows in float64.
+    """
+
+    __slots__ = ("gram", "n_tokens", "seconds", "statistic")
 
     def __init__(self, statistic: str = "gram") -> None:
         self.statistic = statistic
         self.gram: torch.Tensor | None = None
         self.n_tokens = 0
+        self.seconds = 0.0
 
     def add(self, rows: torch.Tensor) -> None:
         if rows.shape[0] == 0:
             return
-        x64 = rows.detach().to(torch.float64)
-        contribution = (x64 * x64).sum(0) if self.statistic == "diag" else x64.T @ x64
+        rows = rows.detach()
+        contribution = None
+        if self.statistic == "diag":
+            x64 = rows.to(torch.float64)
+            contribution = (x64 * x64).sum(0)
+        elif rows.dtype in _LOW_PRECISION:
+            contribution = _float32_gram(rows)
+        if contribution is None:
+            x64 = rows.to(torch.float64)
+            contribution = x64.T @ x64
         if self.gram is None:
             self.gram = contribution
         else:
@@ -281,11 +339,13 @@ class ActivationCapture:
         acc = self._acc[name]
 
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            start = time.perf_counter()
             x = args[0]
             if isinstance(module, nn.Conv2d):
                 acc.add(_conv_columns(module, x))
-                return
-            acc.add(_real_token_rows(x, _CURRENT_MASK.get()))
+            else:
+                acc.add(_real_token_rows(x, _CURRENT_MASK.get()))
+            acc.seconds += time.perf_counter() - start
 
         return hook
 
@@ -318,6 +378,11 @@ class ActivationCapture:
     @property
     def n_tokens(self) -> dict[str, int]:
         return {n: a.n_tokens for n, a in self._acc.items()}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds spent in each layer's hook (im2col, token mask, Gram accumulation)."""
+        return {n: a.seconds for n, a in self._acc.items()}
 
     def _accumulated(self, name: str) -> torch.Tensor:
         value = self._acc[name].gram

@@ -236,7 +236,9 @@ class CompressionReport(list):
     """The per-layer rows of :func:`compress_model` (a list of dicts), with writers.
 
     Each row: ``name, type, shape [out, in], method, target_density, density,
-    nnz, calibrated_err, n_tokens, seconds, replaced_by`` (and ``warnings`` if any, and
+    nnz, calibrated_err, n_tokens, seconds, capture_seconds, replaced_by`` (``seconds``: the
+    fit; ``capture_seconds``: the layer's share of the calibration pass -- unfolding, masking and
+    Gram accumulation in its hooks, 0 without a pass) (and ``warnings`` if any, and
     ``err_metric`` when ``calibrated_err`` is not measured in the full Gram metric:
     ``"diag"`` -- in the diagonal metric ``sum_ij D_ij^2 G_jj`` -- or ``"none"``, the plain
     relative Frobenius error of an uncalibrated fit).
@@ -343,6 +345,8 @@ class _Run:
     checkpoint: LayerCheckpoint | None = None
     client: Any = None
     report: CompressionReport = field(default_factory=CompressionReport)
+    #: seconds spent in each layer's capture hooks (full layer name), set by the capture passes
+    capture_seconds: dict[str, float] = field(default_factory=dict)
     originals: list[tuple[nn.Module, str, nn.Module, torch.Tensor]] = field(default_factory=list)
 
     def layer(self, model: nn.Module, name: str, module: nn.Module, calibration: Calibration | None,
@@ -436,6 +440,7 @@ class _Run:
                 result.row.setdefault("err_metric", "none")
             row = install_result(container, name, module, result, self.spec, self.replace)
             row["name"] = full
+        row["capture_seconds"] = float(self.capture_seconds.get(full, 0.0))
         self.report.append(row)
         self.bar.set_postfix_str(f"{full} err={row['calibrated_err']:.3f}")
         self.bar.update(1)
@@ -764,12 +769,14 @@ def _compress_layerwise(model, data, targets, sequential, forward, run: _Run) ->
     if not sequential:
         with ActivationCapture(model, names=targets, statistic=run.statistic) as cap:
             cap.run(data, forward=forward)
+        run.capture_seconds.update(cap.seconds)
         modules = dict(model.named_modules())
         run.layers([(model, name, modules[name], cap.calibration(name), name) for name in targets])
         return
     for name in targets:
         with ActivationCapture(model, names=[name], statistic=run.statistic) as cap:
             cap.run(data, forward=forward)
+        run.capture_seconds.update(cap.seconds)
         run.layer(model, name, model.get_submodule(name), cap.calibration(name))
 
 
@@ -791,6 +798,8 @@ def _compress_blockwise(model, data, names, blocks, per_block, sequential, forwa
                         out = block(*args, **kwargs)
                     if not sequential:
                         dense_outputs.append(_block_hidden(out))
+            run.capture_seconds.update({full: cap.seconds[short] for full, short in zip(targets, local,
+                                                                                         strict=True)})
             modules = dict(block.named_modules())
             run.layers([(block, short, modules[short], cap.calibration(short), full)
                         for full, short in zip(targets, local, strict=True)])

@@ -50,6 +50,28 @@ at N=1) and ``numel >= 65536``
 otherwise. fp16/bf16 factors on the CPU are always dense under ``auto``, because torch's CPU
 CSR matmul (MKL) has no half-precision kernel.
 
+Small-batch kernel (:class:`SparseLinear`, :class:`DoubleSparseLinear`)
+-----------------------------------------------------------------------
+An input of 1 to :data:`KERNEL_MAX_ROWS` rows (batch x tokens), a plain CPU tensor in float32 or
+float64 (the factors' dtype), for which no gradient can be asked (grad mode off, or nothing
+involved requires grad; never on a :meth:`~_FactorModule.set_trainable` module, never under
+autocast, tracing or ``torch.compile``) runs through the Numba kernel of
+:mod:`sparsefact.backends.spmv` instead of torch: the factors' nonzeros, packed once (SELL-8,
+6 bytes per nonzero in float32), multiplied directly (``A (B x)``, bias added last); the result
+equals the torch path to rounding (each row summed in the order of its nonzeros). Everything
+else -- more rows, fp16/bf16, CUDA, training -- takes the torch path above. The packed form is
+derived from the buffers and cached on the module, not part of its state: ``state_dict``,
+``layouts`` and saved files are unchanged; it is rebuilt when a factor or the bias is replaced
+(``load_state_dict``, ``.to()``, ``set_trainable``) or modified in place (version counters), and
+dropped by ``copy.deepcopy`` and pickling. The zeros of a dense-layout factor are skipped, as
+with CSR (an infinite input gives no NaN from them). ``module.kernel`` (not saved): ``"auto"``
+(default) takes the kernel for CSR factors (torch's CSR product is the slower one at every
+density measured) and for dense-layout factors whose packed entries are at most
+:data:`KERNEL_MAX_FILL` of their entries (:data:`KERNEL_MAX_FILL_ONE_ROW` for a single row);
+``True`` wherever it applies; ``False`` never.
+The measurements behind ``"auto"`` and these thresholds (``benchmarks/bench_modules.py``, part
+``kernel``) are in ``docs/benchmarks.md`` §5.
+
 Precision: float32/float64 compute in their dtype for both layouts. fp16/bf16 compute in their
 dtype with the dense layout (CPU and CUDA) and with CSR on CUDA (not tested here: no GPU); a CSR
 factor in fp16/bf16 on the CPU (only when forced with ``layout="csr"``) is multiplied in float32
@@ -101,7 +123,17 @@ CSR_MAX_DENSITY = 0.05
 #: ... and at least this many entries (see the module docstring for the measurement).
 CSR_MIN_NUMEL = 1 << 16
 
+#: the small-batch kernel (:mod:`sparsefact.backends.spmv`) runs for inputs of at most this many rows
+#: (batch x tokens) ...
+KERNEL_MAX_ROWS = 16
+#: ... and, under ``kernel="auto"`` with dense-layout factors only, when the packed entries are at
+#: most this fraction of the factors' entries (2 or more rows) ...
+KERNEL_MAX_FILL = 0.6
+#: ... or this fraction for a single row (measurements in the module docstring).
+KERNEL_MAX_FILL_ONE_ROW = 0.45
+
 _LAYOUTS = ("auto", "csr", "dense")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 #: dtype names of a saved config (``"float32"``, ...) -> torch dtype.
@@ -245,6 +277,17 @@ def _chain_linear(x2: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor
     return z if row_form else z.T
 
 
+def _same_tensors(key: tuple, factors: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> bool:
+    """Whether the kernel cache ``key`` was built from exactly these tensors, unmodified since."""
+    old_factors, versions, old_bias, bias_version = key
+    if old_bias is not bias or (bias is not None and bias._version != bias_version):
+        return False
+    for a, b, v in zip(old_factors, factors, versions, strict=True):
+        if a is not b or b._version != v:
+            return False
+    return True
+
+
 class FixedPattern(nn.Module):
     """Parametrisation ``values -> values * mask``: the trainable values of a factor on a fixed pattern."""
 
@@ -309,6 +352,7 @@ class _FactorModule(nn.Module):
         chosen = _resolve(W, self.layout if layout is None else _check_layout(layout))
         self.layouts[name] = chosen
         self.register_buffer(name, _to_layout(W.detach(), chosen))
+        self._kernel_state = None
 
     def _set_bias(self, bias: Any, out: int, dtype: torch.dtype, device: Any) -> None:
         if bias is None or bias is False:
@@ -388,6 +432,7 @@ class _FactorModule(nn.Module):
 
         if bool(trainable) == self.trainable:
             return self
+        self._kernel_state = None
         if trainable:
             layouts = dict(self.layouts)
             for name in self._factor_names:
@@ -555,7 +600,7 @@ class _FactorModule(nn.Module):
             new = self.__class__.__new__(self.__class__)
             memo[id(self)] = new
             for key, value in self.__dict__.items():
-                new.__dict__[key] = copy.deepcopy(value, memo)
+                new.__dict__[key] = None if key == "_kernel_state" else copy.deepcopy(value, memo)
         finally:
             for k, b in sparse.items():
                 self._buffers[k] = b
@@ -565,6 +610,15 @@ class _FactorModule(nn.Module):
                 check_invariants=False,  # copied from a tensor that passed the checks
             )
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kernel_state"] = None  # a derived cache: rebuilt on the next forward
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_state = None
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         lay = ", ".join(f"{n}={self.layouts.get(n, '?')}" for n in self._factor_names)
@@ -580,17 +634,82 @@ def _empty_factor(shape: tuple[int, int], dtype, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- linear
 class _LinearFactors(_FactorModule):
-    """Shared part of the linear modules: ``y = x Wᵀ + bias`` with ``W`` the product of the factors."""
+    """Shared part of the linear modules: ``y = x Wᵀ + bias`` with ``W`` the product of the factors.
+
+    Small batches on the CPU run through the sparse kernel of :mod:`sparsefact.backends.spmv`
+    (rule in the module docstring); the attribute ``kernel`` (not saved) selects it:
+    ``"auto"`` (the default) where it is measured to win, ``True`` wherever it applies,
+    ``False`` never.
+    """
 
     _original_checks = (("in_features", "in_features"), ("out_features", "out_features"))
+    kernel: bool | str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        chain = self._kernel_chain(x2)
+        if chain is not None:
+            y = torch.from_numpy(chain((x2.detach() if x2.requires_grad else x2).numpy()))
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         factors = [getattr(self, n) for n in reversed(self._factor_names)]
-        y = _chain_linear(x.reshape(-1, self.in_features), factors)
+        y = _chain_linear(x2, factors)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel_chain(self, x2: torch.Tensor) -> Any:
+        """The packed factors (a :class:`~sparsefact.backends.spmv.SellChain`) if the kernel runs for ``x2``.
+
+        It runs for a plain CPU tensor of float32/float64, in the factors' (and bias') dtype, with
+        1 to :data:`KERNEL_MAX_ROWS` rows, outside autocast, tracing and compilation, on a module
+        that is not trainable, and only where no gradient can be asked for (grad mode off, or
+        neither the input nor a factor nor the bias requires grad). The packed form is cached
+        and rebuilt when a factor or the bias is replaced or modified in place.
+        """
+        mode = self.kernel
+        if (mode is False or not 0 < x2.shape[0] <= KERNEL_MAX_ROWS or x2.dtype not in _KERNEL_DTYPES
+                or not x2.is_cpu or type(x2) is not torch.Tensor or x2.layout is not torch.strided
+                or self.__dict__.get("_trainable_layouts") is not None):  # (getattr's miss path is slow)
+            return None
+        buffers = self._buffers
+        factors = tuple([buffers[n] for n in self._factor_names])
+        bias = buffers.get("bias")
+        if torch.is_grad_enabled() and (x2.requires_grad or any([W.requires_grad for W in factors])
+                                        or (bias is not None and bias.requires_grad)):
+            return None
+        if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        state = self.__dict__.get("_kernel_state")
+        if state is None or not _same_tensors(state[0], factors, bias):
+            state = self._kernel_state = self._kernel_build(factors, bias)
+        chain, torch_dtype, has_csr, fill = state[1]
+        if chain is None or torch_dtype is not x2.dtype:
+            return None
+        if (mode == "auto" and not has_csr
+                and fill > (KERNEL_MAX_FILL_ONE_ROW if x2.shape[0] == 1 else KERNEL_MAX_FILL)):
+            return None
+        return chain
+
+    def _kernel_build(self, factors: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> tuple:
+        from ..backends import spmv
+
+        key = (factors, tuple(W._version for W in factors), bias, None if bias is None else bias._version)
+        dtype = factors[0].dtype
+        if (any(W.dtype != dtype or W.device.type != "cpu" for W in factors) or dtype not in _KERNEL_DTYPES
+                or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
+            return key, (None, None, False, 1.0)
+        packed = []
+        for W in factors:
+            if W.layout is torch.sparse_csr:
+                packed.append(spmv.pack_csr(W.crow_indices().numpy(), W.col_indices().numpy(),
+                                            W.values().detach().numpy(), tuple(W.shape)))
+            else:
+                packed.append(spmv.pack_dense(W.detach().numpy()))
+        b = None if bias is None else bias.detach().contiguous().numpy()
+        chain = spmv.SellChain(packed, b)
+        entries = sum(int(W.shape[0]) * int(W.shape[1]) for W in factors)
+        fill = sum(M.vals.size for M in packed) / max(entries, 1)
+        return key, (chain, dtype, any(W.layout is torch.sparse_csr for W in factors), fill)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight (the product of the factors) of shape (out_features, in_features)."""
