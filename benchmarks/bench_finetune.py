@@ -19,8 +19,9 @@ Parts (``--part``; each writes ``benchmarks/results/finetune/<part>.json``):
     End-to-end against layer-wise fine-tuning, the same steps from the same DSF model
     (``--modes-density``): held-out cosine and distillation loss every ``--eval-every`` steps.
 ``gradual``
-    Gradual DSF (``schedule=[0.7, 0.5, 0.3]``, ``--steps / 3`` fine-tuning steps per stage)
-    against one-shot DSF at 0.3 + ``--steps`` fine-tuning steps.
+    Gradual DSF (``schedule=[0.7, 0.5, 0.3]``, ``--steps / 3`` fine-tuning steps per stage, each
+    later stage warm-started from the fine-tuned factors unless ``--no-warm-start``) against
+    one-shot DSF at 0.3 + ``--steps`` fine-tuning steps.
 
 Compressed MiniLM models are cached (``--cache``, default ``/tmp/sparsefact-bench-finetune``)
 as ``save_compressed`` files keyed by method and density, so the parts share the one-shot fits.
@@ -245,10 +246,10 @@ def gradual_part(args: argparse.Namespace) -> dict[str, Any]:
     cpu, start = _cpu(), time.perf_counter()
     model, report = compress_gradually(
         copy.deepcopy(env.dense), env.calib, schedule=[0.7, 0.5, 0.3], finetune_steps=per_stage,
-        teacher=env.dense, progress=False,
+        teacher=env.dense, progress=False, warm_start=a.warm_start,
         finetune_kwargs={"lr": a.lr, "loss": a.loss, "train": _train_selector(a.train), "warmup": a.warmup,
                          "output": pooled if a.target == "pooled" else None})
-    gradual = {"cosine": env.cosine(model), "cpu_seconds": _cpu() - cpu,
+    gradual = {"cosine": env.cosine(model), "cpu_seconds": _cpu() - cpu, "warm_start": a.warm_start,
                "seconds": time.perf_counter() - start,
                "stages": [{"density": s["density"], "achieved": s["compression"]["density"],
                            "mean_calibrated_err": s["compression"]["mean_calibrated_err"]}
@@ -284,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes-density", type=float, default=0.3)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="gradual: re-factorise each stage from scratch (default: from the fine-tuned "
+                   "factors)")
     p.add_argument("--cache", default="/tmp/sparsefact-bench-finetune")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args(argv)

@@ -294,6 +294,7 @@ class BaseCompressor(BaseEstimator):
         gram = gram_fit64
         if gram is not None and W_checked.dtype != xp.float64:
             gram = xp.astype(gram_fit64, W_checked.dtype)
+        self._w_exponent = scaling.w  # W_fit = W * 2**-w: what a warm start must be scaled by
         with engine.loop_context():
             out = self._fit(W_fit, gram, engine)
         factors = list(out.factors)

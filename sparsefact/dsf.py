@@ -574,6 +574,35 @@ def initial_state(engine: Any, target: Any, plan: BudgetPlan) -> tuple[Any, Any]
     return at, _initial_other_factor(engine, leading, plan)
 
 
+def state_from_factors(
+    engine: Any, factors: tuple[Any, Any], plan: BudgetPlan, scaling: Any
+) -> AlternationState:
+    """The alternation's state for given factors ``W ~ left @ right`` (zero duals).
+
+    The inverse of how :func:`double_sparse_factorization` assembles its result: the input-side
+    factor is multiplied back by the input scaling ``sqrt(diag G)`` (``scaling``, or None) and,
+    for ``m >= n`` (transposed problem), ``S^T = right`` and ``B = left^T``; otherwise
+    ``S^T = left^T`` and ``B = right``.
+
+    Raises
+    ------
+    ValueError
+        When the shapes do not match the plan (``(m, r)`` and ``(r, n)``).
+    """
+    left, right = factors
+    m, n, r = plan.m, plan.n, plan.r
+    if tuple(left.shape) != (m, r) or tuple(right.shape) != (r, n):
+        raise ValueError(
+            f"init_factors must have shapes ({m}, {r}) and ({r}, {n}) for this fit, got "
+            f"{tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    scaled = right if scaling is None else right * scaling[None, :]
+    at, b = (scaled, left.T) if plan.transposed else (left.T, scaled)
+    at, b = engine.copy(at), engine.copy(b)
+    return AlternationState(at=at, u_at=engine.zeros(tuple(at.shape), at), b=b,
+                            u_b=engine.zeros(tuple(b.shape), b))
+
+
 def _surrogate_error_sq(engine: Any, at: Any, cross_a: Any, gram_a: Any, t_sq: float) -> float:
     """``||T - A B||^2`` from the A-step's ``B T^T`` and ``B B^T`` (with ``at = A^T``)."""
     xp = engine.xp
@@ -702,7 +731,7 @@ def double_sparse_factorization(
     inner_dim: int | str | None = None,
     n_m: tuple[int, int] | None = None,
     n_m_factors: str = "both",
-    start: AlternationState | None = None,
+    start: AlternationState | tuple[Any, Any] | None = None,
     track_errors: bool = False,
     callback: Callable[[dict], Any] | None = None,
     verbose: int = 0,
@@ -727,7 +756,10 @@ finalize, finalize_iter, masks, inner_dim, n_m, n_m_factors
         Restart from this state (of a previous result with the same plan) instead of the
         identity/magnitude start; the ``rho0`` ramp runs again from 0, so the first
         A-step re-fits ``S`` from the carried ``B`` (``preset="quality"`` restarts the
-        reference's result with a smaller ``rho``).
+        reference's result with a smaller ``rho``). A pair ``(left, right)`` of factors
+        (shapes ``(m, r)`` and ``(r, n)``, e.g. fine-tuned ones) is a warm start from their
+        values and supports (:func:`state_from_factors`); the first selections re-choose the
+        supports within the budget, so the pair may be denser than it.
     track_errors : bool
         Record the scaled-problem error after every outer iteration.
     callback : callable, optional
@@ -758,6 +790,8 @@ finalize, finalize_iter, masks, inner_dim, n_m, n_m_factors
     k, P = plan.k, plan.P
     t_sq = float(xp.sum(target * target))
 
+    if start is not None and not isinstance(start, AlternationState):
+        start = state_from_factors(engine, start, plan, scaling)
     if start is None:
         at, b = initial_state(engine, target, plan)  # A^T (r x k), the square factor; B (r x P)
         u_at = engine.zeros((r, k), target)

@@ -16,7 +16,7 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 
 from ._sklearn_compat import Interval, StrOptions, check_is_fitted, validate_data
-from ._validation import check_matrix, convert_to_namespace
+from ._validation import check_matrix, convert_to_namespace, scale_by_power_of_two
 from .admm import masked_least_squares, sparse_least_squares
 from .backends import get_engine
 from .base import BaseCompressor, FitOutput
@@ -180,6 +180,12 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         ``preset="quality"``; ``"magnitude"`` for ``"reference"`` with global masks and
         none with ``masks="row"`` (where the magnitude candidate beats a frozen reference
         result, which must stay bit-identical). None: never.
+    init_factors : (A, B) or None, default=None
+        Warm start of the first alternation from these factors (arrays of shapes ``(m, r)``
+        and ``(r, n)``, any array type; e.g. a fine-tuned model's factors, re-factorised to a
+        lower density by gradual DSF): their values and supports replace the identity /
+        magnitude start, and the first selections re-choose the supports within the budget.
+        The inner dimension is ``r`` (``inner_dim`` must be ``"auto"`` or ``r``).
     tol : float, default=2e-3
         A :class:`~sklearn.exceptions.ConvergenceWarning` is raised when the scaled
         error still changed by more than ``tol`` (relative) in the last iteration
@@ -278,6 +284,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         "refit_iter": [Interval(Integral, 0, None, closed="left"), None],
         "damping": [Interval(Real, 0, None, closed="left"), None],
         "fallback": [StrOptions({"auto", "magnitude", "calibrated"}), None],
+        "init_factors": [tuple, list, None],
         "tol": [Interval(Real, 0, None, closed="left")],
         "keep_calibration": ["boolean"],
         "random_state": ["random_state"],
@@ -310,6 +317,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         refit_iter: int | None = None,
         damping: float | None = None,
         fallback: str | None = "auto",
+        init_factors: tuple[Any, Any] | None = None,
         tol: float = 2e-3,
         backend: str = "auto",
         keep_calibration: bool = True,
@@ -339,6 +347,7 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.refit_iter = refit_iter
         self.damping = damping
         self.fallback = fallback
+        self.init_factors = init_factors
         self.tol = tol
         self.backend = backend
         self.keep_calibration = keep_calibration
@@ -392,17 +401,53 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             )
         return inner_dim, split
 
+    def _initial_factors(self, W: Any, engine: Any) -> tuple[Any, Any] | None:
+        """``init_factors`` checked and converted to ``W``'s namespace, dtype and fit scale."""
+        if self.init_factors is None:
+            return None
+        if len(self.init_factors) != 2:
+            raise ValueError(f"init_factors must be a pair (A, B), got {len(self.init_factors)} items")
+        m, n = W.shape
+        left, right = (convert_to_namespace(F, W, engine.xp) for F in self.init_factors)
+        if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[0] != m or right.shape[1] != n \
+                or left.shape[1] != right.shape[0]:
+            raise ValueError(
+                f"init_factors must have shapes (m, r) and (r, n) = ({m}, r) and (r, {n}), got "
+                f"{tuple(left.shape)} and {tuple(right.shape)}"
+            )
+        xp = engine.xp
+        if not (bool(xp.all(xp.isfinite(left))) and bool(xp.all(xp.isfinite(right)))):
+            raise ValueError("init_factors must be finite")
+        r = int(left.shape[1])
+        if self.inner_dim != "auto" and int(self.inner_dim) != r:
+            raise ValueError(f"init_factors have inner dimension {r} but inner_dim={self.inner_dim}")
+        exponent = getattr(self, "_w_exponent", 0)
+        if exponent:
+            left = scale_by_power_of_two(left, -exponent)
+        return left, right
+
     def _fit(self, W: Any, gram: Any, engine: Any) -> FitOutput:
         options = self._solver_options()
         stages = self._stage_options()
-        inner_dim, split = self._choose_shape(W, gram, engine, options)
+        init = self._initial_factors(W, engine)
+        if init is not None:
+            options["inner_dim"] = int(init[0].shape[1])
+            split = "auto" if self.split == "search" else self.split
+            inner_dim, split = resolve_shape(
+                *W.shape, self.density, options["inner_dim"], split, self.masks, options["n_m"],
+                self.n_m_factors,
+            )
+            self.split_trials_ = None
+        else:
+            inner_dim, split = self._choose_shape(W, gram, engine, options)
         options["inner_dim"] = inner_dim
         if self.objective == "exact":
-            result = double_sparse_factorization_exact(W, gram, engine=engine, split=split, **options)
+            result = double_sparse_factorization_exact(W, gram, engine=engine, split=split, start=init,
+                                                       **options)
         else:
             result = double_sparse_factorization(
                 W, gram, engine=engine, split=split, callback=self.callback, verbose=self.verbose,
-                track_errors=False, **options,
+                track_errors=False, start=init, **options,
             )
         reference = result
         left, right, error = result.left, result.right, result.error

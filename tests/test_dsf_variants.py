@@ -315,3 +315,27 @@ def test_quality_preset_moves_budget_out_of_an_over_served_square_factor():
         assert quality.split_ == pytest.approx(0.2 / 3, rel=1e-12)
     # at density 0.5 the reference split (a third of the budget) is kept
     assert _fit(W, X, density=0.5, **QUICK_QUALITY).split_ == pytest.approx(0.16)
+
+
+def test_init_factors_warm_start_the_alternation():
+    W = gaussian(30, 44, seed=8)
+    X = scaled_activations(120, 44, seed=9)
+    for shape_W in (W, W.T.copy()):
+        Xs = X if shape_W.shape[1] == 44 else scaled_activations(120, 30, seed=9)
+        first = _fit(shape_W, Xs, density=0.7, **FAST)
+        A, B = first.A_.toarray(), first.B_.toarray()
+        # from its own factors at the same density, three iterations keep the fit (the mapping
+        # back into the alternation's scaled, possibly transposed coordinates is exact)
+        again = _fit(shape_W, Xs, density=0.7, init_factors=(A, B), max_iter=3, tol=0)
+        assert again.calibrated_err_ <= first.calibrated_err_ * 1.01
+        lower = _fit(shape_W, Xs, density=0.4, init_factors=(A, B), **FAST)
+        assert lower.nnz_ <= 0.4 * shape_W.size and np.isfinite(lower.calibrated_err_)
+        assert lower.n_components_ == A.shape[1]
+    with pytest.raises(ValueError, match="init_factors must have shapes"):
+        _fit(W, X, density=0.5, init_factors=(A.T, B))
+    with pytest.raises(ValueError, match="finite"):
+        _fit(W.T.copy(), None, density=0.5, init_factors=(A * np.nan, B))
+    with pytest.raises(ValueError, match="a pair"):
+        _fit(W, X, density=0.5, init_factors=(A,))
+    with pytest.raises(ValueError, match="inner_dim"):
+        _fit(W.T.copy(), None, density=0.5, init_factors=(A, B), inner_dim=10)

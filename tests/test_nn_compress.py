@@ -266,3 +266,27 @@ def test_report_writers(tmp_path):
     assert "| 0 | Linear | 24×12 | magnitude | 0.5000 |" in text
     assert "- 4: not compressed (the output layer" in text
     assert (tmp_path / "r.md").read_text() == text
+
+
+def test_compress_model_leaves_the_callers_torch_thread_count():
+    # threadpoolctl restores the OpenMP pool torch shares from OpenMP's own count, which undid
+    # an earlier torch.set_num_threads(1) (training after a compression then ran 3-20x slower).
+    # A fresh process: the thread pools' history in this one decides whether the bug shows.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from sparsefact.backends.threads import limit_threads\n"
+        "with limit_threads(1):\n"
+        "    torch.get_num_threads()\n"
+        "assert torch.get_num_threads() == 1, ('limit_threads', torch.get_num_threads())\n"
+        "from sparsefact.nn_adapters import compress_model\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))\n"
+        "compress_model(m, torch.randn(64, 16), 'dsf', 0.5, threads=2, progress=False, layers=['0'],\n"
+        "               max_iter=2)\n"
+        "assert torch.get_num_threads() == 1, ('compress_model', torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

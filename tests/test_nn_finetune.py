@@ -257,6 +257,54 @@ def test_compress_gradually_ends_at_the_last_density_and_saves(tmp_path):
         compress_gradually(model, data, schedule=[0.5], finetune_steps=1, progress=False)
 
 
+def test_compress_gradually_warm_starts_dsf_from_the_fine_tuned_factors(monkeypatch):
+    import sparsefact.nn_adapters.finetune as finetune_module
+
+    seen = []
+    real = finetune_module.compress_model
+
+    def spy(model, data, method, density, **kwargs):
+        seen.append((density, kwargs.get("layer_params")))
+        if kwargs.get("layer_params"):
+            for name, params in kwargs["layer_params"].items():
+                A, B = params["init_factors"]
+                layer = model.get_submodule(name)
+                assert isinstance(layer, nn.Linear)  # densified: its weight is the fine-tuned product
+                assert torch.allclose(torch.from_numpy(A @ B).float(), layer.weight.detach(), atol=1e-5)
+        return real(model, data, method, density, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "compress_model", spy)
+    x = torch.randn(192, 12, generator=torch.Generator().manual_seed(2))
+    data = list(x.split(64))
+    compress_gradually(_mlp(), data, schedule=[0.7, 0.4], finetune_steps=2, progress=False, **FAST_DSF)
+    assert seen[0] == (0.7, None)
+    assert seen[1][0] == 0.4 and set(seen[1][1]) == {"0", "2"}
+    seen.clear()
+    compress_gradually(_mlp(), data, schedule=[0.7, 0.4], finetune_steps=2, progress=False, warm_start=False,
+                       **FAST_DSF)
+    assert seen[1][1] is None
+    seen.clear()
+    compress_gradually(_mlp(), data, schedule=[0.7, 0.4], finetune_steps=2, progress=False,
+                       method="sparsegpt")
+    assert seen[1][1] == {}  # nothing to start from for a single-sparse method
+
+
+def test_layer_params_reach_only_their_layer():
+    x = torch.randn(128, 12, generator=torch.Generator().manual_seed(3))
+    # dense inputs (sequential=False), so that layer "2" sees the same calibration in both runs
+    _, base = compress_model(_mlp(), x, "dsf", 0.5, progress=False, sequential=False, **FAST_DSF)
+    _, tuned = compress_model(_mlp(), x, "dsf", 0.5, progress=False, sequential=False,
+                              layer_params={"0": {"max_iter": 1, "finalize": False}}, **FAST_DSF)
+    assert tuned[0]["calibrated_err"] != base[0]["calibrated_err"]
+    assert tuned[1]["calibrated_err"] == base[1]["calibrated_err"]
+    with pytest.raises(ValueError, match="not compressed"):
+        compress_model(_mlp(), x, "dsf", 0.5, progress=False, layer_params={"9": {}})
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        compress_model(_mlp(), x, "dsf", 0.5, progress=False, layer_params={"0": {}}, checkpoint_dir="unused")
+    with pytest.raises(TypeError, match="layer_params must map"):
+        compress_model(_mlp(), x, "dsf", 0.5, progress=False, layer_params={"0": 3})
+
+
 # ---------------------------------------------------------------------- perplexity
 class _ContextLM(nn.Module):
     """Logits at position j depend on every token <= j (a running mean of embeddings): a causal toy LM."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -140,12 +141,19 @@ def limit_threads(threads: int | None) -> Iterator[None]:
     import numba
 
     previous = numba.get_num_threads()  # per thread: this thread restores its own
+    # torch (if the caller has imported it; never imported here) shares the OpenMP pool whose
+    # size threadpoolctl restores from OpenMP's own count, which can differ from what the caller
+    # set with torch.set_num_threads: restore torch's count explicitly.
+    torch = sys.modules.get("torch")
+    previous_torch = torch.get_num_threads() if torch is not None else None
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     try:
         with _hold(lambda libs: libs, int(threads)):
             yield
     finally:
         numba.set_num_threads(previous)
+        if previous_torch is not None:  # unconditionally: torch's own count can lag OpenMP's
+            torch.set_num_threads(previous_torch)
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:

@@ -314,6 +314,22 @@ class CompressionReport(list):
 
 
 # ---------------------------------------------------------------------- model
+def _check_per_layer_params(layer_params: Any, client: Any, checkpoint_dir: Any) -> dict[str, dict[str, Any]]:
+    """``layer_params`` as ``{name: dict}``; ``ValueError`` for a bad value or an unsupported combination."""
+    if layer_params is None:
+        return {}
+    if not isinstance(layer_params, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Mapping) for k, v in layer_params.items()):
+        raise TypeError("layer_params must map layer names to parameter dicts")
+    if layer_params and client is not None:
+        raise ValueError("layer_params= and client= cannot be combined yet (the cluster jobs share "
+                         "parameters)")
+    if layer_params and checkpoint_dir is not None:
+        raise ValueError("layer_params= and checkpoint_dir= cannot be combined yet (the checkpoint manifest "
+                         "records the shared parameters only)")
+    return {k: dict(v) for k, v in layer_params.items()}
+
+
 def _density_for(density: Any, name: str) -> float:
     if isinstance(density, Mapping):
         if name in density:
@@ -345,6 +361,8 @@ class _Run:
     checkpoint: LayerCheckpoint | None = None
     client: Any = None
     report: CompressionReport = field(default_factory=CompressionReport)
+    #: extra estimator parameters of single layers (full layer name -> parameters)
+    layer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: seconds spent in each layer's capture hooks (full layer name), set by the capture passes
     capture_seconds: dict[str, float] = field(default_factory=dict)
     originals: list[tuple[nn.Module, str, nn.Module, torch.Tensor]] = field(default_factory=list)
@@ -371,7 +389,8 @@ class _Run:
             else:
                 todo.append(item)
         specs = {
-            item[4]: LayerSpec(self.method, _density_for(self.density, item[4]), self.params, self.threads,
+            item[4]: LayerSpec(self.method, _density_for(self.density, item[4]),
+                               {**self.params, **self.layer_params.get(item[4], {})}, self.threads,
                                item[4])
             for item in todo
         }
@@ -485,6 +504,7 @@ def compress_model(
     checkpoint_dir: str | Path | None = None,
     client: Any = None,
     offload: Any = None,
+    layer_params: Mapping[str, Mapping[str, Any]] | None = None,
     **params: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a model's linear layers from calibration data; return ``(model, report)``.
@@ -580,6 +600,10 @@ def compress_model(
         a run without offload, bit for bit; the returned model keeps its blocks dense on
         ``meta``: :func:`~.offload.load_offloaded` assembles the compressed model. A run that
         fails leaves the output folder without its ``index.json`` (incomplete).
+    layer_params : {layer name: {parameter: value}}, optional
+        Extra estimator parameters of single layers (full dotted names), on top of ``params``:
+        e.g. ``{"fc1": {"init_factors": (A, B)}}`` warm-starts DSF on that layer
+        (:func:`~.finetune.compress_gradually` does). Not with ``client`` or ``checkpoint_dir``.
     **params
         Passed to the estimator's constructor (e.g. ``max_iter=8`` for DSF).
 
@@ -609,6 +633,7 @@ def compress_model(
         )
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    layer_params = _check_per_layer_params(layer_params, client, checkpoint_dir)
     make_estimator(method, 0.5, params)  # fail early on bad parameters
     statistic = "gram" if measure_error else spec.needs
     if statistic not in ("gram", "diag", "none"):
@@ -650,6 +675,9 @@ def compress_model(
                 targets = targets[:-1]
             _check_targets(targets, density)
             _check_layer_params(method, params, density, targets)
+            unknown = sorted(set(layer_params) - set(targets))
+            if unknown:
+                raise ValueError(f"layer_params names layers that are not compressed: {unknown}")
             if statistic != "none" and calibration_data is not None and not _reiterable(calibration_data):
                 calibration_data = list(iter_batches(calibration_data))  # read more than once below
             if client is not None and progress:
@@ -661,7 +689,7 @@ def compress_model(
                     None if statistic == "none" else calibration_data))
             bar = tqdm(total=len(targets), desc=f"compress ({method_name(method)})", disable=not progress)
             run = _Run(method, spec, density, dict(params), threads, replace, statistic, bar,
-                       on_error, checkpoint, client)
+                       on_error, checkpoint, client, layer_params=layer_params)
             run.report.skipped = skipped
             try:
                 if statistic == "none":

@@ -798,6 +798,23 @@ class GradualReport:
                 "total_finetune_steps": self.total_finetune_steps}
 
 
+def _warm_start_factors(model: nn.Module, method: Any) -> dict[str, dict[str, Any]]:
+    """``{layer: {"init_factors": (A, B)}}`` of the model's DSF linear layers (float64 NumPy), for
+    a DSF ``method``; empty for other methods (they have no factors to start from)."""
+    from ..estimators import DoubleSparseFactorization
+    from ..methods import spec_for
+    from .modules import DoubleSparseLinear
+
+    if not issubclass(spec_for(method).estimator, DoubleSparseFactorization):
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if type(module) is DoubleSparseLinear:
+            factors = tuple(module.factor(f).detach().double().cpu().numpy() for f in module._factor_names)
+            out[name] = {"init_factors": factors}
+    return out
+
+
 def compress_gradually(
     model: nn.Module,
     data: Any,
@@ -811,6 +828,7 @@ def compress_gradually(
     compress_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     seed: int = 0,
+    warm_start: bool = True,
     **params: Any,
 ) -> tuple[nn.Module, GradualReport]:
     """Compress in stages of decreasing density, fine-tuning after each; return ``(model, report)``.
@@ -819,8 +837,10 @@ def compress_gradually(
     (calibrated on ``data`` through the model as it is then) and fine-tunes the result towards the
     dense teacher for ``finetune_steps[i]`` steps (:func:`finetune`). Before stage ``i > 0`` the
     compressed layers become dense layers holding their fine-tuned products (:func:`densify`,
-    with the layer types of the original model), which are then compressed again: a
-    re-factorisation of the fine-tuned product, not a warm start from the factors.
+    with the layer types of the original model), which are then compressed again. With
+    ``warm_start=True`` (default) a DSF layer's new factorisation starts from its fine-tuned
+    factors (``DoubleSparseFactorization(init_factors=(A, B))``: their values and supports,
+    re-selected within the new budget); otherwise (and for other methods) it starts from scratch.
 
     Parameters
     ----------
@@ -845,6 +865,8 @@ def compress_gradually(
     progress : bool
     seed : int
         Stage ``i`` fine-tunes with seed ``seed + i``.
+    warm_start : bool
+        Start each later stage's DSF fits from the fine-tuned factors (see above).
     **params
         Estimator parameters (e.g. ``max_iter=8``).
     """
@@ -874,6 +896,8 @@ def compress_gradually(
         t0 = time.perf_counter()
         kwargs = dict(compress_kwargs)
         if i > 0:
+            if warm_start:
+                kwargs["layer_params"] = _warm_start_factors(model, method)
             densify(model, templates)
             kwargs["layers"] = lambda name, module, _w=frozenset(wanted): name in _w
         model, comp = compress_model(model, data, method, density, **kwargs, **params)
