@@ -433,6 +433,59 @@ def check_compress_args(
     return target
 
 
+#: Values of ``compress --device``; ``run_compress(device=)`` also takes ``"cuda:N"``.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """The torch device ``compress`` runs on for ``--device``, or ``ArgumentCheckError``.
+
+    Checked before the model is loaded: ``"cpu"`` needs nothing (torch is not imported);
+    ``"cuda"`` (or ``"cuda:N"``) needs torch built with CUDA and a CUDA device it can use;
+    ``"auto"`` is ``"cuda"`` when that holds, else ``"cpu"``.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+        The requested device.
+
+    Returns
+    -------
+    str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises
+    ------
+    ArgumentCheckError
+        For another value, or a CUDA device that cannot be used here, naming what is missing
+        (torch, torch's CUDA build, a visible device, device ``N``).
+    """
+    text = str(device).strip().lower()
+    index = None
+    if text.startswith("cuda:"):
+        suffix = text[len("cuda:"):]
+        if not suffix.isdigit():
+            raise ArgumentCheckError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+        index = int(suffix)
+    elif text not in DEVICES:
+        raise ArgumentCheckError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if text == "cpu":
+        return "cpu"
+    try:
+        from .nn_adapters.devices import cuda_unavailable_reason  # the layer that imports torch
+    except ImportError:
+        if text == "auto":
+            return "cpu"
+        raise ArgumentCheckError(f"--device {device}: torch is not installed "
+                                 "(pip install -e '.[torch]' with a CUDA build of torch)") from None
+    missing = cuda_unavailable_reason(index)
+    if missing is None:
+        return "cuda" if text == "auto" else text
+    if text == "auto":
+        return "cpu"
+    raise ArgumentCheckError(f"--device {device}: {missing}; use --device cpu")
+
+
 # ---------------------------------------------------------------------- writing the outputs
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -537,6 +590,13 @@ def _check_evaluation(
     return texts
 
 
+def _batch_to(batch: Any, device: str) -> Any:
+    """A tokenizer batch (a mapping of tensors) on ``device``; other values unchanged."""
+    if hasattr(batch, "items"):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return batch
+
+
 def _dsf_params(name: str, max_iter: int | None, preset: str) -> dict[str, Any]:
     """The CLI's DSF settings (``max_iter``, ``preset``) for the ``dsf`` method, none for others."""
     from .estimators import PRESETS
@@ -574,6 +634,7 @@ def run_compress(
     batch_size: int = 32,
     max_length: int = 128,
     threads: int | None = 1,
+    device: str = "cpu",
     verbose: bool = True,
     out: Any = None,
 ) -> dict[str, Any]:
@@ -625,6 +686,10 @@ def run_compress(
         UTF-8 text files of the perplexity evaluation, joined by a blank line.
     window, stride : int, optional
         Perplexity windows (default: the model's context, at most 2048, and half of it).
+    device : {"cpu", "auto", "cuda"} or "cuda:N"
+        Where the model and the calibration and held-out batches are placed before capture
+        (:func:`check_device`, before the model is loaded): ``"cuda"`` needs a usable CUDA
+        device, ``"auto"`` takes one when there is one. Recorded (resolved) in the settings.
     sequential, batch_size, max_length, threads, verbose, out
         Calibration on the compressed blocks' outputs, tokenizer batches, Numba/BLAS threads
         per fit, progress printing and its stream.
@@ -660,6 +725,7 @@ def run_compress(
         max_iter=max_iter, batch_size=batch_size, max_length=max_length, threads=threads,
     )
     eval_text = _check_evaluation(evaluation, eval_files, window, stride)
+    device = check_device(device)
 
     from .nn_adapters.compress import compress_model
     from .nn_adapters.data import (
@@ -707,8 +773,13 @@ def run_compress(
         raise ValueError(
             "the model factory returned no tokenizer: return (model, tokenizer) to evaluate on text"
         )
-    calib_batches = tokenize_batches(tokenizer, calib, batch_size=batch_size, max_length=max_length)
-    eval_batches = tokenize_batches(tokenizer, held_out, batch_size=batch_size, max_length=max_length)
+    if device != "cpu":
+        log(f"Moving the model and the batches to {device}")
+    dense = dense.to(device)
+    calib_batches = [_batch_to(b, device) for b in
+                     tokenize_batches(tokenizer, calib, batch_size=batch_size, max_length=max_length)]
+    eval_batches = [_batch_to(b, device) for b in
+                    tokenize_batches(tokenizer, held_out, batch_size=batch_size, max_length=max_length)]
     n_tokens = sum(int(b["attention_mask"].sum()) for b in calib_batches)
     log(f"Calibration: {len(calib)} sentences ({n_tokens} tokens); held-out: {len(held_out)} sentences")
     scorer = make_evaluation(
@@ -758,6 +829,7 @@ def run_compress(
             "eval_files": [str(p) for p in eval_files],
             "sequential": sequential,
             "threads": threads,
+            "device": device,
             "n_calib": len(calib),
             "n_eval": len(held_out),
             "calib_tokens": n_tokens,
@@ -1091,6 +1163,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Numba/BLAS threads while a layer is fitted (default 1: on a busy shared machine one "
         "thread was 10-30x faster than two)",
     )
+    comp.add_argument(
+        "--device", choices=list(DEVICES), default="cpu",
+        help="where the model and the calibration batches go before capture (default cpu); cuda needs a "
+        "usable CUDA device (checked before the model is loaded), auto takes one when there is one",
+    )
     comp.add_argument("-q", "--quiet", action="store_true", help="print only the table")
 
     from .experiments import networks as _networks  # its option part imports no torch
@@ -1145,6 +1222,7 @@ def _main_compress(args: argparse.Namespace) -> int:
             compare=args.compare_methods if args.compare else (),
             sequential=args.sequential,
             threads=args.threads,
+            device=args.device,
             verbose=not args.quiet,
         )
     except KeyboardInterrupt:

@@ -3,6 +3,8 @@ selection, and whole fits under numpy_numba, array_api and array_api_strict."""
 
 from __future__ import annotations
 
+import contextlib
+
 import array_api_compat
 import array_api_compat.numpy as np_compat
 import numpy as np
@@ -339,3 +341,75 @@ def test_both_lapack_paths_invert(dtype):
         lower = np.tril(a)
         tol = 1e-5 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(lower, np.tril(expected), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- without a GPU (issue 15)
+class _FakeCupyNamespace:
+    """Stands in for ``array_api_compat.cupy`` in engine selection (no array is made)."""
+
+    __name__ = "array_api_compat.cupy"
+
+
+def test_auto_never_picks_cupy_without_a_gpu(monkeypatch, xps):
+    import sparsefact.backends.cupy_backend as cupy_backend
+
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    monkeypatch.setattr(cupy_backend, "gpu_unavailable_reason", lambda: "CuPy is not installed (test)")
+    assert not cupy_backend.gpu_available()
+    assert resolve_backend_name("auto", _FakeCupyNamespace()) == "array_api"
+    assert resolve_backend_name(None, _FakeCupyNamespace()) == "array_api"
+    for xp in (np_compat, xps):
+        assert resolve_backend_name("auto", xp) != "cupy"
+    # with a usable GPU, CuPy arrays get the CuPy engine
+    monkeypatch.setattr(cupy_backend, "gpu_unavailable_reason", lambda: None)
+    assert resolve_backend_name("auto", _FakeCupyNamespace()) == "cupy"
+
+
+def test_auto_never_picks_cupy_for_torch_inputs(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    W = torch.as_tensor(gaussian(16, 16))
+    assert resolve_backend_name("auto", array_api_compat.array_namespace(W)) == "array_api"
+    assert DoubleSparseFactorization(max_iter=2, tol=0).fit(W).backend_ == "array_api"
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
+@pytest.mark.parametrize("how", ["argument", "config", "environment"])
+def test_backend_cupy_without_gpu_names_what_is_missing(monkeypatch, how):
+    from sparsefact.backends.cupy_backend import CupyEngine, gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    assert reason is not None and ("CuPy is not installed" in reason or "cupy.cuda" in reason
+                                   or "CUDA driver" in reason)
+    monkeypatch.delenv("SPARSEFACT_BACKEND", raising=False)
+    W = gaussian(8, 8)
+    est = DoubleSparseFactorization(max_iter=2, tol=0, backend="cupy" if how == "argument" else "auto")
+    if how == "environment":
+        monkeypatch.setenv("SPARSEFACT_BACKEND", "cupy")
+    context = sparsefact.config_context(backend="cupy") if how == "config" else contextlib.nullcontext()
+    with context, pytest.raises(ValueError, match="cannot run on this machine") as info:
+        est.fit(W)
+    assert reason in str(info.value)
+    with pytest.raises(RuntimeError, match="missing on this machine") as info:
+        CupyEngine()
+    assert reason in str(info.value)
+
+
+def test_gpu_unavailable_reason_when_cupy_sees_no_device(monkeypatch):
+    import sys
+    import types
+
+    import sparsefact.backends.cupy_backend as cupy_backend
+
+    fake = types.ModuleType("cupy")
+    fake.__version__ = "13.0.0"
+    fake.cuda = types.SimpleNamespace(is_available=lambda: False)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert "is_available() is False" in cupy_backend.gpu_unavailable_reason()
+
+    def broken():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    fake.cuda = types.SimpleNamespace(is_available=broken)
+    assert "libcuda.so.1" in cupy_backend.gpu_unavailable_reason()
+    assert not cupy_backend.gpu_available()

@@ -599,3 +599,68 @@ def test_eval_arguments_are_checked_before_loading(tmp_path, capsys, no_model_lo
     status = _main(_tiny_argv(tmp_path, tmp_path / "out", *extra))
     assert status == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err))
+
+
+# ---------------------------------------------------------------------------- --device (issue 15, item 3)
+def test_device_option_defaults_to_cpu():
+    assert build_parser().parse_args(["compress"]).device == "cpu"
+    assert build_parser().parse_args(["compress", "--device", "auto"]).device == "auto"
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--device", "tpu"])
+
+
+def test_check_device_resolves_auto_and_names_what_is_missing(monkeypatch):
+    from sparsefact.cli import ArgumentCheckError, check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ArgumentCheckError, match="--device must be one of"):
+        check_device("gpu")
+    with pytest.raises(ArgumentCheckError, match="cuda:N"):
+        check_device("cuda:x")
+    # a CPU-only build of torch
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert check_device("auto") == "cpu"
+    with pytest.raises(ArgumentCheckError, match="built without CUDA"):
+        check_device("cuda")
+    # a CUDA build that sees no device
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto") == "cpu"
+    with pytest.raises(ArgumentCheckError, match=r"no usable CUDA device.*is_available\(\) is False"):
+        check_device("cuda")
+    # one visible device (the resolution only: nothing is placed on it here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("auto") == "cuda"
+    assert check_device("cuda") == "cuda" and check_device("cuda:0") == "cuda:0"
+    with pytest.raises(ArgumentCheckError, match="no CUDA device 1: torch sees 1"):
+        check_device("cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without a CUDA device")
+def test_device_cuda_without_gpu_is_exit_2_before_loading(tmp_path, capsys, no_model_load):
+    assert _main(_tiny_argv(tmp_path, tmp_path / "out", "--device", "cuda")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--device cuda" in line and "CUDA" in line and "--device cpu" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_device_cpu_and_auto_run_and_are_recorded(tmp_path, device):
+    out_dir = tmp_path / "out"
+    assert _main(_tiny_argv(tmp_path, out_dir, "--device", device)) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    expected = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    assert report["settings"]["device"] == expected
+    assert report["results"][0]["layers"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a usable CUDA device")
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+def test_device_cuda_compresses_the_tiny_model(tmp_path):  # pragma: no cover - needs a GPU
+    out_dir = tmp_path / "out"
+    assert _main(_tiny_argv(tmp_path, out_dir, "--device", "cuda")) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["settings"]["device"] == "cuda" and report["results"][0]["layers"] == 4

@@ -3,7 +3,8 @@
 Order of precedence (design.md §4): the estimator's explicit ``backend=`` argument,
 then :func:`sparsefact.config_context`, then the environment variable
 ``SPARSEFACT_BACKEND``, then the input's array namespace (NumPy → ``numpy_numba``,
-CuPy → ``cupy``, anything else → the portable ``array_api`` engine).
+CuPy → ``cupy`` where CuPy can use a CUDA device, anything else → the portable
+``array_api`` engine). ``backend="cupy"`` without a usable GPU is an error naming what is missing.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def resolve_backend_name(backend: str | None, xp: Any) -> str:
             break
     else:
         name = {"numpy": "numpy_numba", "cupy": "cupy"}.get(_namespace_kind(xp), "array_api")
+        if name == "cupy":
+            from .cupy_backend import gpu_available
+
+            if not gpu_available():  # auto never picks the GPU engine without a usable GPU
+                name = "array_api"
     kind = _namespace_kind(xp)
     if name == "numpy_numba" and kind != "numpy":
         raise ValueError(
@@ -47,7 +53,11 @@ def resolve_backend_name(backend: str | None, xp: Any) -> str:
             f"{getattr(xp, '__name__', xp)!r} (use backend='auto' or 'array_api')"
         )
     if name == "cupy" and kind != "cupy":
-        raise ValueError("backend='cupy' needs CuPy input arrays (convert with cupy.asarray)")
+        from .cupy_backend import gpu_unavailable_reason
+
+        missing = gpu_unavailable_reason()
+        where = "" if missing is None else f"; it cannot run on this machine: {missing}"
+        raise ValueError(f"backend='cupy' needs CuPy input arrays (convert with cupy.asarray){where}")
     return name
 
 

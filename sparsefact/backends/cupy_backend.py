@@ -10,16 +10,32 @@ from __future__ import annotations
 from .array_api import ArrayAPIEngine
 
 
-def gpu_available() -> bool:
-    """True when CuPy is installed and a CUDA device can be used."""
+def gpu_unavailable_reason() -> str | None:
+    """Why the CuPy engine cannot run here, or ``None`` when it can.
+
+    Returns
+    -------
+    str or None
+        What is missing: CuPy itself, or a CUDA device that CuPy can use (with CuPy's own
+        error where it raised one).
+    """
     try:
         import cupy
-    except ImportError:
-        return False
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc}; pip install cupy-cuda12x, matching the CUDA driver)"
+    version = getattr(cupy, "__version__", "?")
     try:
-        return bool(cupy.cuda.is_available())
-    except Exception:  # driver missing or broken
-        return False
+        if cupy.cuda.is_available():
+            return None
+    except Exception as exc:  # driver missing or broken
+        return f"CuPy {version} cannot use the CUDA driver ({type(exc).__name__}: {exc})"
+    return (f"CuPy {version} is installed but cupy.cuda.is_available() is False "
+            "(no CUDA device, no driver, or CUDA_VISIBLE_DEVICES hides it)")
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and a CUDA device can be used."""
+    return gpu_unavailable_reason() is None
 
 
 class CupyEngine(ArrayAPIEngine):
@@ -28,10 +44,11 @@ class CupyEngine(ArrayAPIEngine):
     name = "cupy"
 
     def __init__(self) -> None:
-        if not gpu_available():
+        missing = gpu_unavailable_reason()
+        if missing is not None:
             raise RuntimeError(
-                "backend='cupy' needs CuPy and a working CUDA device; "
-                "cupy.cuda.is_available() is False on this machine"
+                "backend='cupy' needs CuPy and a CUDA device it can use (cupy.cuda.is_available()); "
+                f"missing on this machine: {missing}"
             )
         import array_api_compat.cupy as cp_compat
 
