@@ -84,6 +84,19 @@ def torch_module():
     return pytest.importorskip("torch", reason="torch is not installed (pip install sparsefact[torch])")
 
 
+@pytest.fixture
+def one_torch_thread(torch_module):
+    """torch limited to one thread (and seeded 0) for the test, its thread count restored after.
+
+    The torch test modules use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    previous = torch_module.get_num_threads()
+    torch_module.set_num_threads(1)
+    torch_module.manual_seed(0)
+    yield
+    torch_module.set_num_threads(previous)
+
+
 def to_namespace(xp, array: np.ndarray):
     """``array`` as an array of namespace ``xp`` (on its default device)."""
     return xp.asarray(array)

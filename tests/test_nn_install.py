@@ -41,10 +41,13 @@ from sparsefact.nn_adapters.install import (  # noqa: E402
     unregister_module_family,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore::sklearn.exceptions.ConvergenceWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
+    pytest.mark.filterwarnings(
+        "ignore:Sparse CSR tensor support is in beta:UserWarning",
+        "ignore::sklearn.exceptions.ConvergenceWarning",
+    ),
+]
 
 #: small parameters so that every method runs in well under a second on these layers
 FAST = {"dsf": {"max_iter": 3, "finalize_iter": 2}, "dsf-exact": {"max_iter": 3, "finalize_iter": 2},
@@ -60,12 +63,6 @@ def compress_all(*args, **kwargs):
     return compress_model(*args, layers=kwargs.pop("layers", ALL_LAYERS), **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

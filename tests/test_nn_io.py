@@ -23,19 +23,16 @@ from sparsefact.nn_adapters import (  # noqa: E402
     save_compressed,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks:UserWarning",
-    "ignore::sklearn.exceptions.ConvergenceWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
+    pytest.mark.filterwarnings(
+        "ignore:Sparse CSR tensor support is in beta:UserWarning",
+        "ignore:Sparse invariant checks:UserWarning",
+        "ignore::sklearn.exceptions.ConvergenceWarning",
+    ),
+]
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_model(seed: int = 0) -> nn.Module:

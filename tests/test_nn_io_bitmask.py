@@ -28,20 +28,17 @@ from sparsefact.nn_adapters import (  # noqa: E402
 )
 from sparsefact.nn_adapters.io import FORMAT_VERSION, STORAGES, storage_bytes, tensor_digest  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks:UserWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
+    pytest.mark.filterwarnings(
+        "ignore:Sparse CSR tensor support is in beta:UserWarning",
+        "ignore:Sparse invariant checks:UserWarning",
+    ),
+]
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------- helpers

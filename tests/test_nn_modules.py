@@ -22,23 +22,19 @@ from sparsefact.nn_adapters import (  # noqa: E402
 )
 from sparsefact.nn_adapters.modules import CSR_MAX_DENSITY, CSR_MIN_NUMEL  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks:UserWarning",
-    "ignore::sklearn.exceptions.ConvergenceWarning",
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
+    pytest.mark.filterwarnings(
+        "ignore:Sparse CSR tensor support is in beta:UserWarning",
+        "ignore:Sparse invariant checks:UserWarning",
+        "ignore::sklearn.exceptions.ConvergenceWarning",
+        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    ),
+]
 
 LAYOUTS = ["csr", "dense"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _factors(out, k, n, density, seed=0):

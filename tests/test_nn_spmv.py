@@ -26,21 +26,17 @@ from sparsefact.nn_adapters import (  # noqa: E402
 )
 from sparsefact.nn_adapters.modules import KERNEL_MAX_FILL, KERNEL_MAX_ROWS  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks:UserWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
+    pytest.mark.filterwarnings(
+        "ignore:Sparse CSR tensor support is in beta:UserWarning",
+        "ignore:Sparse invariant checks:UserWarning",
+    ),
+]
 
 TOL = {np.float32: 2e-6, np.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _random(rows, cols, density, dtype, seed=0):
