@@ -129,8 +129,8 @@ from .modules import (
     replace_module,
 )
 
-__all__ = ["FORMAT_VERSION", "STORAGES", "compression_report", "load_compressed", "save_compressed",
-           "storage_bytes", "tensor_digest"]
+__all__ = ["FORMAT_VERSION", "STORAGES", "compression_report", "factor_storage", "load_compressed",
+           "save_compressed", "storage_bytes", "tensor_digest"]
 
 FORMAT = "sparsefact"
 #: version written by :func:`save_compressed`; 2 added the ``checksums`` metadata, 3 the
@@ -451,6 +451,19 @@ def _plan_factor(W: torch.Tensor, vdtype: torch.dtype, storages: tuple[str, ...]
             sizes["bitmask-deflate"] = deflated.numel() + nnz * itemsize
     storage, _ = _choose_storage(sizes, storages)
     return _Plan(storage, sizes, entries, packed, deflated)
+
+
+def factor_storage(W: torch.Tensor, values_dtype: Any = None, storages: Sequence[str] = STORAGES,
+                   name: str = "factor") -> tuple[str, int]:
+    """``(storage, bytes)`` that :func:`save_compressed` writes for one factor ``W``.
+
+    The storage is the smallest of ``storages`` for ``W``'s pattern (exact bytes, the deflated
+    bitmask included); values in ``values_dtype`` (``None``: ``W``'s dtype; ``"float16"`` or
+    ``"bfloat16"`` as for :func:`save_compressed`). The modules' ``compressed_bytes``.
+    """
+    vd = _resolve_values_dtype(values_dtype)
+    plan = _plan_factor(W, vd or W.dtype, _check_storages(storages), name, check_overflow=False)
+    return plan.storage, plan.sizes[plan.storage]
 
 
 def _factor_tensors(key: str, W: torch.Tensor, vdtype: torch.dtype,

@@ -240,15 +240,6 @@ def _index_bytes(nnz: int, shape: tuple[int, int]) -> tuple[int, int]:
     return crow, col
 
 
-def _storage_bytes(nnz: int, shape: tuple[int, int], itemsize: int) -> tuple[str, int]:
-    """Compact on-disk form of one factor: CSR (see :func:`_index_bytes`), or dense if smaller."""
-    rows, cols = int(shape[0]), int(shape[1])
-    dense = rows * cols * itemsize
-    crow, col = _index_bytes(nnz, shape)
-    csr = nnz * (itemsize + col) + (rows + 1) * crow
-    return ("csr", csr) if csr < dense else ("dense", dense)
-
-
 def _matmul_cols(W: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``W @ z`` for a dense or CSR ``W`` and dense ``z`` (columns are samples)."""
     if W.layout is torch.sparse_csr:
@@ -393,16 +384,18 @@ class _FactorModule(nn.Module):
 
     @property
     def compressed_bytes(self) -> int:
-        """Bytes of the compact form written by ``save_compressed`` (factors + bias).
+        """Bytes of the tensors ``save_compressed`` writes for this module (factors + bias).
 
-        Each factor counts as CSR with int16 column indices (int32 if a factor has more than
-        32768 columns) and int32 row pointers, ``nnz * (itemsize + 2) + (rows + 1) * 4``, or as
-        dense if that is smaller; this does not depend on the runtime layout.
+        Each factor in the storage the file gives it -- the smallest of dense, CSR, bitmask and
+        deflated bitmask for its pattern, values in the module's dtype
+        (:func:`~sparsefact.nn_adapters.io.factor_storage`); it does not depend on the runtime
+        layout. Not counted: the file's JSON header.
         """
+        from .io import factor_storage
+
         total = self._bias_bytes()
         for n in self._factor_names:
-            W = getattr(self, n)
-            total += _storage_bytes(_nnz(W), tuple(W.shape), W.element_size())[1]
+            total += factor_storage(getattr(self, n), name=n)[1]
         return total
 
     def _dense_weight_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
