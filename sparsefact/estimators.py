@@ -385,16 +385,20 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             for name in preset
         }
 
-    def _choose_shape(self, W: Any, gram: Any, engine: Any, options: dict[str, Any]) -> tuple[int, Any]:
+    def _choose_shape(
+        self, W: Any, gram: Any, engine: Any, options: dict[str, Any], warm_inner_dim: int | None = None
+    ) -> tuple[int, Any]:
         """``(inner_dim, split)`` of the first stage: :func:`sparsefact.dsf.resolve_shape`,
-        then the split search where ``split="search"``."""
+        then the split search where ``split="search"``. A warm start's inner dimension
+        (``warm_inner_dim``) replaces ``inner_dim`` and is not searched over."""
         m, n = W.shape
         self.split_trials_ = None
         split = "auto" if self.split == "search" else self.split
         inner_dim, split = resolve_shape(
-            m, n, self.density, self.inner_dim, split, self.masks, options["n_m"], self.n_m_factors
+            m, n, self.density, self.inner_dim if warm_inner_dim is None else warm_inner_dim, split,
+            self.masks, options["n_m"], self.n_m_factors,
         )
-        if self.split == "search":
+        if self.split == "search" and warm_inner_dim is None:
             split, self.split_trials_ = search_split(
                 W, gram, engine=engine, search_iter=max(4, self.max_iter // 4),
                 **{**options, "inner_dim": inner_dim},
@@ -430,16 +434,9 @@ class DoubleSparseFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         options = self._solver_options()
         stages = self._stage_options()
         init = self._initial_factors(W, engine)
-        if init is not None:
-            options["inner_dim"] = int(init[0].shape[1])
-            split = "auto" if self.split == "search" else self.split
-            inner_dim, split = resolve_shape(
-                *W.shape, self.density, options["inner_dim"], split, self.masks, options["n_m"],
-                self.n_m_factors,
-            )
-            self.split_trials_ = None
-        else:
-            inner_dim, split = self._choose_shape(W, gram, engine, options)
+        inner_dim, split = self._choose_shape(
+            W, gram, engine, options, None if init is None else int(init[0].shape[1])
+        )
         options["inner_dim"] = inner_dim
         if self.objective == "exact":
             result = double_sparse_factorization_exact(W, gram, engine=engine, split=split, start=init,

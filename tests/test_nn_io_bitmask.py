@@ -392,16 +392,20 @@ def test_values_dtype_overflow_and_bad_arguments(tmp_path):
 
 
 # ---------------------------------------------------------------------------- corrupted bitmask files
-@pytest.fixture
-def bitmask_file(tmp_path):
-    """SparseLinear 5x7 (35 bits: 5 padding bits) and a DSF, every factor a bitmask."""
+def _corruption_model() -> nn.Module:
+    """SparseLinear 5x7 (35 bits: 5 padding bits) and a DSF, the same for every call."""
     gen = torch.Generator().manual_seed(4)
     W = sparse(gen, (5, 7), 0.5)
     A, B = sparse(gen, (6, 3), 0.6), sparse(gen, (3, 5), 0.6)
-    model = nn.Sequential(SparseLinear.from_weight(W, torch.randn(5, generator=gen)),
-                          DoubleSparseLinear.from_factors(A, B))
+    return nn.Sequential(SparseLinear.from_weight(W, torch.randn(5, generator=gen)),
+                         DoubleSparseLinear.from_factors(A, B))
+
+
+@pytest.fixture
+def bitmask_file(tmp_path):
+    """:func:`_corruption_model` with every factor a bitmask."""
     path = tmp_path / "bm.safetensors"
-    save_compressed(model, path, storages=("bitmask",))
+    save_compressed(_corruption_model(), path, storages=("bitmask",))
     return path
 
 
@@ -769,14 +773,9 @@ def test_property_deflate_round_trip_and_size_accounting(tmp_path, rows, cols, d
 # ---------------------------------------------------------------------------- corrupted bitmask-deflate files
 @pytest.fixture
 def deflate_file(tmp_path):
-    """The models of ``bitmask_file``, every factor a zlib-compressed bitmask."""
-    gen = torch.Generator().manual_seed(4)
-    W = sparse(gen, (5, 7), 0.5)
-    A, B = sparse(gen, (6, 3), 0.6), sparse(gen, (3, 5), 0.6)
-    model = nn.Sequential(SparseLinear.from_weight(W, torch.randn(5, generator=gen)),
-                          DoubleSparseLinear.from_factors(A, B))
+    """:func:`_corruption_model` with every factor a zlib-compressed bitmask."""
     path = tmp_path / "bd.safetensors"
-    save_compressed(model, path, storages=("bitmask-deflate",))
+    save_compressed(_corruption_model(), path, storages=("bitmask-deflate",))
     return path
 
 

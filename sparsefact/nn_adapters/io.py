@@ -291,10 +291,8 @@ def compression_report(model: nn.Module, *, values_dtype: Any = None,
         comp = module._bias_bytes()
         chosen = {}
         for f in module._factor_names:
-            plan = _plan_factor(getattr(module, f), vd or module._dtype, allowed, f"{name}.{f}",
-                                check_overflow=False)
-            chosen[f] = plan.storage
-            comp += plan.sizes[plan.storage]
+            chosen[f], size = _chosen_size(getattr(module, f), vd or module._dtype, allowed, f"{name}.{f}")
+            comp += size
         rows.append({
             "name": name,
             "class": type(module).__name__,
@@ -462,7 +460,14 @@ def factor_storage(W: torch.Tensor, values_dtype: Any = None, storages: Sequence
     ``"bfloat16"`` as for :func:`save_compressed`). The modules' ``compressed_bytes``.
     """
     vd = _resolve_values_dtype(values_dtype)
-    plan = _plan_factor(W, vd or W.dtype, _check_storages(storages), name, check_overflow=False)
+    return _chosen_size(W, vd or W.dtype, _check_storages(storages), name)
+
+
+def _chosen_size(
+    W: torch.Tensor, vdtype: torch.dtype, storages: tuple[str, ...], what: str
+) -> tuple[str, int]:
+    """``(storage, bytes)`` of :func:`_plan_factor` for a report (values never overflow-checked)."""
+    plan = _plan_factor(W, vdtype, storages, what, check_overflow=False)
     return plan.storage, plan.sizes[plan.storage]
 
 
