@@ -497,6 +497,113 @@ def test_concurrent_real_fits_leave_thread_settings_as_found():
     assert threads.held_limits() == held_before
 
 
+
+# ---------------------------------------------------------------------- threads from the free cores
+@pytest.mark.parametrize(("free", "inside"), [(2, 2), (1, 1), (0, 1)])
+def test_adaptive_threads_gives_up_the_cores_taken(fake_blas, monkeypatch, free, inside):
+    from sparsefact.backends import threads
+
+    monkeypatch.setattr(threads, "free_cores", lambda: free)
+    with threads.adaptive_threads() as limit:
+        assert limit == inside
+        assert [lib.num_threads for lib in fake_blas] == [inside, inside]
+    assert [lib.num_threads for lib in fake_blas] == [4, 4]
+    assert threads.held_limits() == {}
+
+
+@pytest.mark.parametrize("free", [4, 7, None])
+def test_adaptive_threads_changes_nothing_when_the_cores_are_free_or_unknown(fake_blas, monkeypatch, free):
+    from sparsefact.backends import threads
+
+    monkeypatch.setattr(threads, "free_cores", lambda: free)
+    with threads.adaptive_threads() as limit:
+        assert limit is None
+        assert [lib.num_threads for lib in fake_blas] == [4, 4]
+
+
+def test_adaptive_threads_can_be_turned_off(fake_blas, monkeypatch):
+    import sparsefact
+    from sparsefact.backends import threads
+
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    with sparsefact.config_context(adapt_threads=False), threads.adaptive_threads() as limit:
+        assert limit is None and [lib.num_threads for lib in fake_blas] == [4, 4]
+    assert sparsefact.get_config()["adapt_threads"] is True
+    monkeypatch.setenv(threads.ADAPT_ENV, "0")
+    with threads.adaptive_threads() as limit:
+        assert limit is None and [lib.num_threads for lib in fake_blas] == [4, 4]
+    with pytest.raises(TypeError, match="adapt_threads"), sparsefact.config_context(adapt_threads="yes"):
+        pass
+
+
+def test_adaptive_threads_never_raises_a_callers_limit(fake_blas, monkeypatch):
+    from sparsefact.backends import threads
+
+    monkeypatch.setattr(threads, "free_cores", lambda: 3)
+    with threads.limit_threads(2), threads.adaptive_threads() as limit:
+        assert limit is None and [lib.num_threads for lib in fake_blas] == [2, 2]
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    with threads.limit_threads(2), threads.adaptive_threads() as limit:
+        assert limit == 1 and [lib.num_threads for lib in fake_blas] == [1, 1]
+    assert [lib.num_threads for lib in fake_blas] == [4, 4]
+
+
+def test_a_cpu_fit_runs_on_the_free_cores(fake_blas, monkeypatch):
+    from sparsefact.backends import threads
+    from sparsefact.backends.numpy_numba import NumpyNumbaEngine
+
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    seen = []
+    original = NumpyNumbaEngine.spd_inverse  # called only inside the fit loop
+
+    def recording_inverse(self, gram, shift):
+        seen.append(tuple(lib.num_threads for lib in fake_blas))
+        return original(self, gram, shift)
+
+    monkeypatch.setattr(NumpyNumbaEngine, "spd_inverse", recording_inverse)
+    rng = np.random.default_rng(0)
+    DoubleSparseFactorization(0.5, max_iter=2, tol=0).fit(
+        rng.standard_normal((16, 16)), rng.standard_normal((40, 16))
+    )
+    assert seen and set(seen) == {(1, 1)}  # NumPy's own BLAS on the one free core, SciPy's held at one
+    assert [lib.num_threads for lib in fake_blas] == [4, 4]
+
+
+def _spin(started, stop) -> None:
+    started.set()
+    while not stop.is_set():
+        pass
+
+
+def test_free_cores_sees_a_busy_process():
+    import multiprocessing as mp
+
+    from sparsefact.backends import threads
+
+    cores = len(os.sched_getaffinity(0))
+    quiet = threads.free_cores()
+    assert isinstance(quiet, int) and 0 <= quiet <= cores
+    context = mp.get_context("spawn")
+    started, stop = context.Event(), context.Event()
+    spinner = context.Process(target=_spin, args=(started, stop), daemon=True)
+    spinner.start()
+    try:
+        assert started.wait(60)
+        assert threads.free_cores() <= cores - 1  # the spinner is runnable in every snapshot
+    finally:
+        stop.set()
+        spinner.join(30)
+
+
+def test_free_cores_is_none_where_the_run_queue_cannot_be_read(monkeypatch):
+    from sparsefact.backends import threads
+
+    def unreadable():
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(threads, "_others_running", unreadable)
+    assert threads.free_cores() is None
+
 # ---------------------------------------------------------------------- budgets are spent
 def _conv_like_calibration(n_dead: int, n: int = 256, seed: int = 0):
     """Activations whose first ``n_dead`` inputs never fire (zero padding of a convolution)."""

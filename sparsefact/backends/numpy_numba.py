@@ -22,6 +22,8 @@ the kernels run, never in what they compute:
   sub-problem at once on a worker thread.
 - Selection: radix select on float bit patterns in Numba (no sort).
 - z/u/mask/rhs updates: one fused pass, in place.
+- Threads: a fit runs on at most the cores free when it starts
+  (:func:`~sparsefact.backends.threads.adaptive_threads`).
 - The Numba kernels are serial: parallel kernels lost to OpenBLAS's spinning idle
   threads (measurements in :mod:`sparsefact.backends._numba_kernels`).
 """
@@ -38,7 +40,7 @@ import scipy.sparse as sp
 from . import _numba_kernels as nk
 from . import _numpy_kernels as npk
 from .array_api import ArrayAPIEngine
-from .threads import single_threaded_foreign_blas
+from .threads import adaptive_threads, single_threaded_foreign_blas
 
 
 def _c_contiguous(a: np.ndarray) -> np.ndarray:
@@ -78,7 +80,11 @@ class NumpyNumbaEngine(ArrayAPIEngine):
         super().__init__(np_compat)
 
     def loop_context(self) -> contextlib.AbstractContextManager:
-        return single_threaded_foreign_blas()
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(single_threaded_foreign_blas())
+            stack.enter_context(adaptive_threads())
+            return stack.pop_all()
 
     def copy(self, a):
         return np.array(a, order="C", copy=True)

@@ -12,6 +12,11 @@ engines and of :func:`sparsefact.nn_adapters.compress_model`):
 - :func:`one_blas_thread` -- loops of many tiny BLAS calls (SparseGPT's per-column updates)
   run with one BLAS thread; thread synchronisation made them up to 20x slower on a loaded
   machine.
+- :func:`adaptive_threads` -- around every fit on the CPU engine: the pools run on at most the
+  cores free when the fit starts (:func:`free_cores`). With one of two cores taken by another
+  process, a DSF fit on two threads took 2.5x as long as on one thread (the parallel products
+  wait for the thread that shares its core; ``benchmarks/bench_busy_machine.py``), so a fit
+  that finds a core taken gives it up.
 
 Concurrency. A library's thread count is process-wide, so contexts entered by several
 threads at once (two fits in two threads) must not save and restore it independently:
@@ -34,12 +39,20 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["limit_threads", "one_blas_thread", "single_threaded_foreign_blas"]
+__all__ = [
+    "adaptive_threads", "free_cores", "limit_threads", "one_blas_thread", "single_threaded_foreign_blas",
+]
+
+#: Environment variable that turns :func:`adaptive_threads` off (``0``, ``false``, ``no``, ``off``).
+ADAPT_ENV = "SPARSEFACT_ADAPT_THREADS"
+#: Snapshots of the run queue taken by :func:`free_cores` when the first one shows other work.
+BUSY_SAMPLES = 3
 
 _controller = None
 _controller_lock = threading.Lock()
@@ -190,3 +203,95 @@ def single_threaded_foreign_blas() -> contextlib.AbstractContextManager:
     except ImportError:  # pragma: no cover - threadpoolctl is a core dependency
         return contextlib.nullcontext()
     return _hold(_foreign_blas, 1)
+
+
+def _own_running_threads() -> int:
+    """Threads of this process that are running or runnable now (``R`` in ``/proc/self/task``)."""
+    count = 0
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread ended between the listing and the read
+            continue
+        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"R":
+            count += 1
+    return count
+
+
+def _others_running() -> int:
+    """Runnable threads on the machine now that are not this process's (a snapshot)."""
+    with open("/proc/loadavg") as f:
+        runnable = int(f.read().split()[3].split("/")[0])
+    return max(runnable - _own_running_threads(), 0)
+
+
+def free_cores() -> int | None:
+    """Cores this process may use that no other process is running on now; ``None`` if unknown.
+
+    The cores in this process's affinity mask, less the threads of other processes that the
+    kernel reports as runnable (``/proc/loadavg``'s run-queue count, less this process's own
+    running threads -- idle BLAS workers that still spin count as this process's). A snapshot
+    is cheap (~0.2 ms) but catches short-lived work too, so when the first one shows other
+    work, :data:`BUSY_SAMPLES` snapshots ~1 ms apart are taken and the fewest others seen is
+    used: a process that keeps a core busy shows in every one. Outside Linux (no ``/proc``)
+    the answer is ``None``.
+
+    Returns
+    -------
+    int or None
+        Free cores, at least 0.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+        others = _others_running()
+        for _ in range(BUSY_SAMPLES - 1):
+            if others == 0:
+                break
+            time.sleep(0.001)
+            others = min(others, _others_running())
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
+    return max(cores - others, 0)
+
+
+def _adaptation_wanted() -> bool:
+    from .._config import get_config
+
+    if os.environ.get(ADAPT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return bool(get_config()["adapt_threads"])
+
+
+def _widest_pool() -> int:
+    """The largest thread count among the loaded BLAS/OpenMP libraries and Numba."""
+    import numba
+
+    counts = [lc.num_threads for lc in _get_controller().lib_controllers]
+    return max([numba.get_num_threads(), *counts])
+
+
+@contextlib.contextmanager
+def adaptive_threads() -> Iterator[int | None]:
+    """Run the block on at most the cores free now (:func:`free_cores`); yields the limit or None.
+
+    Nothing changes when the pools already fit in the free cores, when the free cores cannot
+    be told (no ``/proc``), or when adaptation is off (``config_context(adapt_threads=False)``
+    or ``SPARSEFACT_ADAPT_THREADS=0``). Otherwise the block runs under
+    ``limit_threads(max(1, free))``; limits already held by the caller still apply (the
+    smallest wins), so this only ever lowers thread counts, and everything is restored on exit.
+    """
+    if not _adaptation_wanted():
+        yield None
+        return
+    widest = _widest_pool()
+    if widest <= 1:
+        yield None
+        return
+    free = free_cores()
+    if free is None or free >= widest:
+        yield None
+        return
+    limit = max(1, free)
+    with limit_threads(limit):
+        yield limit
