@@ -10,10 +10,11 @@ only through its Gram ``F^T F`` and the cross term ``F^T T``; the unknown ``Y`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .backends._base import SelectionHint
 from .masks import NMPattern
 
 NORM_EPS = 1e-8
@@ -69,6 +70,7 @@ def sparse_least_squares(
     mask_iter: int = 2,
     scope: str = "global",
     counters: SolverCounters | None = None,
+    hints: Sequence[SelectionHint] | None = None,
 ) -> tuple[Any, Any]:
     """Sparse least squares ``min_Y ||T - F Y||^2 s.t. ||Y||_0 <= budget`` by ADMM.
 
@@ -110,6 +112,10 @@ def sparse_least_squares(
         projection (``threshold_index`` is then not used).
     counters : SolverCounters, optional
         Receives the work done.
+    hints : sequence of SelectionHint, optional
+        One per re-selecting iteration, carried by the caller from one call to the next of
+        the same sub-problem: the engine may start each selection from the previous
+        threshold (global scope; the result does not depend on it).
 
     Returns
     -------
@@ -144,7 +150,7 @@ def sparse_least_squares(
     z, u = admm_loop(
         engine, solve, cross_n, y, u, None,
         threshold_index=threshold_index, rho=rho, n_iter=n_iter, mask_iter=mask_iter,
-        scope=scope, counters=counters,
+        scope=scope, counters=counters, hints=hints,
     )
     return engine.unscale_rows(z, scale), engine.unscale_rows(u, scale)
 
@@ -163,6 +169,7 @@ def admm_loop(
     mask_iter: int = 2,
     scope: str | NMPattern = "global",
     counters: SolverCounters | None = None,
+    hints: Sequence[SelectionHint] | None = None,
 ) -> tuple[Any, Any]:
     """The ADMM iterations shared by every solver: z-step, u-step, x-step.
 
@@ -186,6 +193,8 @@ def admm_loop(
         Position of the threshold in the sorted magnitudes, or ``i -> position`` for a
         schedule over the re-selecting iterations; a negative position keeps every
         entry.
+    hints : sequence of SelectionHint, optional
+        ``hints[i]`` for the global selection of re-selecting iteration ``i``.
 
     Returns
     -------
@@ -209,7 +218,8 @@ def admm_loop(
             if index < 0:
                 v, tau = engine.add(y, u), -1.0
             elif scope == "global":
-                v, tau = engine.add_and_select(y, u, index)
+                hint = hints[i] if hints is not None and i < len(hints) else None
+                v, tau = engine.add_and_select(y, u, index, hint=hint)
             else:
                 v = engine.add(y, u)
                 select = engine.column_kth_smallest_abs if scope == "column" else engine.row_kth_smallest_abs

@@ -70,6 +70,90 @@ def test_kth_smallest_abs_large(dtype):
         assert tau == np.sort(np.abs(v - v[::-1]), axis=None)[j]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_hinted_selection_equals_the_full_selection(dtype, data):
+    """With any hint -- exact, near, far, zero-width, wide -- the threshold is the sort's."""
+    from sparsefact.backends._base import SelectionHint
+
+    v = data.draw(_values(dtype))
+    j = data.draw(st.integers(0, v.size - 1))
+    u = data.draw(arrays(dtype, v.shape, elements=st.floats(-10, 10, width=np.dtype(dtype).itemsize * 8)))
+    total = v + u
+    expected = np.sort(np.abs(total), axis=None)[j]
+    factor = data.draw(st.sampled_from([1.0, 0.999, 1.001, 0.8, 1.3, 1e-3, 1e3]))
+    width = data.draw(st.sampled_from([0.0, 0.002, 0.05, 0.5]))
+    tau = float(expected) * factor if expected > 0 else data.draw(st.floats(1e-6, 10.0))
+    hint = SelectionHint(tau=tau, width=width)
+    y_sum, got = NUMBA.add_and_select(v.copy(), u.copy(), j, hint=hint)
+    np.testing.assert_array_equal(y_sum, total)
+    assert got == expected
+    assert hint.tau == got and hint.hits + hint.misses == 1
+    # the portable engine takes (and ignores) the hint
+    assert PORTABLE.add_and_select(v.copy(), u.copy(), j, hint=SelectionHint(tau=tau))[1] == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hinted_selection_takes_one_pass_near_the_last_threshold_and_falls_back_far_from_it(dtype):
+    from sparsefact.backends._base import SelectionHint
+
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((300, 200)).astype(dtype)
+    zeros = np.zeros_like(v)
+    j = v.size // 2
+    exact = np.sort(np.abs(v), axis=None)[j]
+    near = SelectionHint(tau=float(exact) * 1.001, width=0.01)
+    assert NUMBA.add_and_select(v.copy(), zeros, j, hint=near)[1] == exact
+    assert (near.hits, near.misses) == (1, 0)
+    far = SelectionHint(tau=float(exact) * 2.0, width=0.01)
+    assert NUMBA.add_and_select(v.copy(), zeros, j, hint=far)[1] == exact
+    assert (far.hits, far.misses) == (0, 1)
+    wide = SelectionHint(tau=float(exact), width=0.5)  # holds far more than 1/8 of the entries
+    assert NUMBA.add_and_select(v.copy(), zeros, j, hint=wide)[1] == exact
+    assert (wide.hits, wide.misses) == (0, 1)
+    # the width follows the threshold's moves: twice the last relative move, within the range
+    hint = SelectionHint(tau=1.0, width=0.05)
+    hint.update(1.1, True)
+    assert hint.width == pytest.approx(0.2) and hint.tau == 1.1
+    hint.update(1.1, True)
+    assert hint.width == 0.002
+
+
+def test_dsf_selections_mostly_take_one_pass_and_give_the_same_factors():
+    """A real fit: the hints answer most selections, and the factors equal a fit without hints."""
+    from sparsefact import admm
+    from sparsefact.backends import _base
+
+    seen = []
+    update = _base.SelectionHint.update
+
+    def recording_update(self, tau, hit):
+        if all(h is not self for h in seen):
+            seen.append(self)
+        update(self, tau, hit)
+
+    rng = np.random.default_rng(0)
+    W, X = rng.standard_normal((64, 48)), rng.standard_normal((200, 48))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_base.SelectionHint, "update", recording_update)
+        hinted = DoubleSparseFactorization(0.4, max_iter=30, tol=0).fit(W, X)
+    assert len(seen) == 4  # two re-selecting iterations of each of the two sub-problems
+    hits, misses = sum(h.hits for h in seen), sum(h.misses for h in seen)
+    assert hits + misses == 4 * 30  # every global selection of the fit went through a hint
+    assert hits > misses  # (the first selection of each slot has no previous threshold: a miss)
+    original = admm.sparse_least_squares
+
+    def without_hints(*args, **kwargs):
+        kwargs["hints"] = None
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sparsefact.dsf.sparse_least_squares", without_hints)
+        plain = DoubleSparseFactorization(0.4, max_iter=30, tol=0).fit(W, X)
+    np.testing.assert_array_equal(hinted.A_.toarray(), plain.A_.toarray())
+    np.testing.assert_array_equal(hinted.B_.toarray(), plain.B_.toarray())
+
+
 def test_kth_smallest_abs_non_contiguous():
     v = gaussian(40, 30)[:, ::3]
     assert NUMBA.kth_smallest_abs(v, 17) == np.sort(np.abs(v), axis=None)[17]

@@ -21,9 +21,61 @@ suite checks every engine against the portable one (``tests/test_backends.py``).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "SelectionHint"]
+
+
+@dataclass
+class SelectionHint:
+    """Where the threshold of a repeated selection was last time, to select in one pass.
+
+    DSF selects a threshold over the same sub-problem's magnitudes in every outer iteration,
+    and it moves little from one to the next (median 2.5% on a 384x384 layer, at most 18%).
+    The CPU engine's ``add_and_select`` (:func:`sparsefact.backends._numba_kernels.add_and_select`)
+    with a hint brackets the previous threshold by ``width`` (relative),
+    counts in one pass (fused with the addition) the magnitudes below the bracket and copies
+    those inside it, and selects among the copies; when the rank falls outside the bracket, or
+    the bracket holds more than :data:`HINT_MAX_SHARE` of the entries, it falls back to the full
+    radix selection. Either way the result is exactly the radix selection's. The width follows
+    the observed moves (:data:`HINT_WIDTH_FACTOR` times the last relative move, within
+    :data:`HINT_WIDTH_RANGE`).
+
+    Attributes
+    ----------
+    tau : float or None
+        The last threshold (``None``: no hint yet).
+    width : float
+        Relative half-width of the next bracket.
+    hits, misses : int
+        Selections answered in one pass, and those that fell back.
+    """
+
+    tau: float | None = None
+    width: float = 0.05
+    hits: int = 0
+    misses: int = 0
+
+    def update(self, tau: float, hit: bool) -> None:
+        """Record the selected ``tau`` and adapt the width."""
+        if self.tau is not None and self.tau > 0:
+            moved = abs(tau / self.tau - 1.0)
+            low, high = HINT_WIDTH_RANGE
+            self.width = min(max(HINT_WIDTH_FACTOR * moved, low), high)
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        self.tau = tau
+
+
+#: The bracket may hold at most this share of the entries (else: full radix selection).
+HINT_MAX_SHARE = 0.125
+#: Next bracket half-width = this factor times the last relative move of the threshold ...
+HINT_WIDTH_FACTOR = 2.0
+#: ... clipped to this range.
+HINT_WIDTH_RANGE = (0.002, 0.5)
 
 
 @runtime_checkable
@@ -93,8 +145,14 @@ class Engine(Protocol):
         """The value at 0-based position ``index`` of ``sort(|v|)`` over all entries."""
         ...
 
-    def add_and_select(self, y: Any, u: Any, index: int) -> tuple[Any, float]:
-        """``v = y + u`` and the value at position ``index`` of ``sort(|v|)`` (``y`` consumed)."""
+    def add_and_select(
+        self, y: Any, u: Any, index: int, hint: SelectionHint | None = None
+    ) -> tuple[Any, float]:
+        """``v = y + u`` and the value at position ``index`` of ``sort(|v|)`` (``y`` consumed).
+
+        ``hint`` (the same object for the same repeated selection) lets an engine start from
+        the previous threshold; the result must not depend on it.
+        """
         ...
 
     def column_kth_smallest_abs(self, v: Any, index: int) -> Any:

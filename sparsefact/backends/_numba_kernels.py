@@ -22,6 +22,8 @@ import numpy as np
 from numba import njit
 from numba.extending import get_cython_function_address
 
+from ._base import HINT_MAX_SHARE, SelectionHint
+
 _DIGIT_BITS = 16
 _N_BINS = 1 << _DIGIT_BITS
 
@@ -42,39 +44,22 @@ def _abs_key_histogram(keys, abs_mask, shift, prefix, prefix_mask):
     return hist
 
 
-@njit(cache=True)
-def _add_and_top_histogram(y, u, y_keys, abs_mask, shift):
-    """``y += u`` (flat views) fused with the first histogram pass over ``|y|``.
-
-    ``y_keys`` is the integer view of ``y``'s memory; it is read after each write.
-    """
-    hist = np.zeros(_N_BINS, np.int64)
-    for i in range(y.size):
-        y[i] = y[i] + u[i]
-        key = np.int64(y_keys[i]) & abs_mask
-        hist[(key >> shift) & (_N_BINS - 1)] += 1
-    return hist
-
-
 def _key_view(flat: np.ndarray):
     if flat.dtype == np.float32:
         return flat.view(np.int32), np.int64(0x7FFFFFFF), 32
     return flat.view(np.int64), np.int64(0x7FFFFFFFFFFFFFFF), 64
 
 
-def _radix_select(keys, abs_mask, total_bits, index, first_hist=None):
+def _radix_select(keys, abs_mask, total_bits, index):
     """Key of the element of 0-based rank ``index`` among ``keys & abs_mask``."""
     prefix = 0
     prefix_mask = 0
     rank = int(index)
     shift = total_bits - _DIGIT_BITS
     while shift >= 0:
-        if first_hist is not None:
-            hist, first_hist = first_hist, None
-        else:
-            hist = _abs_key_histogram(
-                keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask)
-            )
+        hist = _abs_key_histogram(
+            keys, abs_mask, np.int64(shift), np.int64(prefix), np.int64(prefix_mask)
+        )
         cumulative = np.cumsum(hist)
         digit = int(np.searchsorted(cumulative, rank, side="right"))
         if digit > 0:
@@ -103,19 +88,75 @@ def kth_smallest_abs(values: np.ndarray, index: int) -> float:
     return _key_to_float(prefix, flat.dtype)
 
 
-def add_and_select(y: np.ndarray, u: np.ndarray, index: int) -> float:
+@njit(cache=True)
+def _count_and_collect(keys, abs_mask, lo_key, hi_key, candidates):
+    """Count the keys ``keys & abs_mask`` below ``lo_key``, copy those in ``[lo_key, hi_key]``.
+
+    Returns ``(below, inside)``; the first ``len(candidates)`` keys inside the bracket are
+    written to ``candidates``. ``abs_mask``, ``lo_key`` and ``hi_key`` have ``keys``' integer
+    type; two loops, so that the count vectorises (measured: 0.16 ms on 147 456 float32 keys,
+    against 1.2 ms for one loop that also added ``u`` and read the sum back through the
+    integer view).
+    """
+    below = 0
+    for i in range(keys.size):
+        below += (keys[i] & abs_mask) < lo_key
+    inside = 0
+    cap = candidates.size
+    for i in range(keys.size):
+        key = keys[i] & abs_mask
+        if key >= lo_key and key <= hi_key:
+            if inside < cap:
+                candidates[inside] = key
+            inside += 1
+    return below, inside
+
+
+def _float_key(value: float, dtype) -> int:
+    """Integer bit pattern of the non-negative ``value`` in ``dtype`` (order-preserving)."""
+    if dtype == np.float32:
+        return int(np.array([value], dtype=np.float32).view(np.int32)[0])
+    return int(np.array([value], dtype=np.float64).view(np.int64)[0])
+
+
+def _hinted_select(keys, abs_mask, index, hint):
+    """The key at ``index`` by one counting pass around ``hint.tau``, or None if outside the bracket."""
+    dtype = np.float32 if keys.dtype == np.int32 else np.float64
+    int_type = keys.dtype.type
+    lo_key = _float_key(max(hint.tau * (1.0 - hint.width), 0.0), dtype)
+    hi_key = _float_key(hint.tau * (1.0 + hint.width), dtype)
+    candidates = np.empty(max(int(keys.size * HINT_MAX_SHARE), 1), dtype=keys.dtype)
+    below, inside = _count_and_collect(
+        keys, int_type(abs_mask), int_type(lo_key), int_type(hi_key), candidates
+    )
+    rank = int(index) - below
+    if 0 <= rank < inside <= candidates.size:
+        return int(np.partition(candidates[:inside], rank)[rank])
+    return None
+
+
+def add_and_select(y: np.ndarray, u: np.ndarray, index: int, hint: SelectionHint | None = None) -> float:
     """``y += u`` in place, then the value at position ``index`` of ``sort(|y|)``.
 
-    The addition is fused with the first radix pass, so a float32 selection costs one
-    extra read of ``y``.
+    With a ``hint`` that holds a previous threshold, one counting pass usually suffices
+    (:class:`~sparsefact.backends._base.SelectionHint`), else the radix selection runs; the
+    result is the same either way, and the hint is updated. The addition is a separate
+    vectorised pass: fusing it into the first radix pass, which then read the sum back
+    through the integer view, was slower (0.64 ms against 0.53 ms on 384 x 384 float32).
     """
+    add_inplace(y, u)
     flat = y.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    first = _add_and_top_histogram(
-        flat, u.reshape(-1), keys, abs_mask, np.int64(total_bits - _DIGIT_BITS)
-    )
-    prefix = _radix_select(keys, abs_mask, total_bits, index, first)
-    return _key_to_float(prefix, flat.dtype)
+    prefix = None
+    if hint is not None and hint.tau is not None and hint.tau > 0 and np.isfinite(hint.tau):
+        prefix = _hinted_select(keys, abs_mask, index, hint)
+    hit = prefix is not None
+    if not hit:
+        prefix = _radix_select(keys, abs_mask, total_bits, index)
+    tau = _key_to_float(prefix, flat.dtype)
+    if hint is not None:
+        hint.update(tau, hit)
+    return tau
 
 
 @njit(cache=True)

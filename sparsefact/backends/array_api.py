@@ -102,8 +102,11 @@ class ArrayAPIEngine:
         flat = xp.reshape(xp.abs(v), (-1,))
         return float(xp.sort(flat)[index])
 
-    def add_and_select(self, y: Any, u: Any, index: int) -> tuple[Any, float]:
-        """``v = y + u`` and the value at position ``index`` of ``sort(|v|)`` (``y`` consumed)."""
+    def add_and_select(self, y: Any, u: Any, index: int, hint: Any = None) -> tuple[Any, float]:
+        """``v = y + u`` and the value at position ``index`` of ``sort(|v|)`` (``y`` consumed).
+
+        ``hint`` is not used here (a full selection every time).
+        """
         v = self.add(y, u)
         return v, self.kth_smallest_abs(v, index)
 

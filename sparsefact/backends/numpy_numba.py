@@ -20,7 +20,9 @@ the kernels run, never in what they compute:
   10 ms with NumPy's own LAPACK. Where NumPy's LAPACK cannot be found, SciPy's is used,
   held to one thread during fits, and ``spd_inverse_pair`` runs the two inversions of a
   sub-problem at once on a worker thread.
-- Selection: radix select on float bit patterns in Numba (no sort).
+- Selection: radix select on float bit patterns in Numba (no sort); a repeated selection
+  starts from its previous threshold and usually takes one counting pass
+  (:class:`~sparsefact.backends._base.SelectionHint`).
 - z/u/mask/rhs updates: one fused pass, in place.
 - Threads: a fit runs on at most the cores free when it starts
   (:func:`~sparsefact.backends.threads.adaptive_threads`).
@@ -126,9 +128,9 @@ class NumpyNumbaEngine(ArrayAPIEngine):
     def kth_smallest_abs(self, v, index):
         return nk.kth_smallest_abs(_c_contiguous(v), index)
 
-    def add_and_select(self, y, u, index):
+    def add_and_select(self, y, u, index, hint=None):
         y = _c_contiguous(y)
-        tau = nk.add_and_select(y, _c_contiguous(u), index)
+        tau = nk.add_and_select(y, _c_contiguous(u), index, hint)
         return y, tau
 
     def add(self, y, u):
