@@ -188,7 +188,12 @@ print(json.dumps({"seconds": min(r[0] for r in runs), "error": runs[0][1]}))
 
 
 def time_revisions(problems, trees: dict[str, str], repeats: int, rounds: int = 2) -> dict[str, dict]:
-    """Fastest fit per problem with each source tree's sparsefact, alternating in fresh processes."""
+    """Fit times per problem with each source tree's sparsefact, alternating in fresh processes.
+
+    Every round runs each tree once (``repeats`` fits, the fastest counts); the speed-up printed
+    is the median over rounds of old/new, with the spread, because on a shared machine one
+    round's ratio can be off by 30%.
+    """
     import subprocess
     import sys
     import tempfile
@@ -198,21 +203,25 @@ def time_revisions(problems, trees: dict[str, str], repeats: int, rounds: int = 
         for label, W, gram in problems:
             path = Path(tmp) / "problem.npz"
             np.savez(path, W=W, G=gram)
-            best: dict[str, dict] = {}
+            names = list(trees)
+            runs: dict[str, list[dict]] = {name: [] for name in names}
             for _ in range(rounds):
                 for tree_name, tree in trees.items():
                     text = subprocess.run(
                         [sys.executable, "-c", CHILD, tree, str(path), str(repeats)],
                         check=True, capture_output=True, text=True,
                     ).stdout.strip().splitlines()[-1]
-                    got = json.loads(text)
-                    if tree_name not in best or got["seconds"] < best[tree_name]["seconds"]:
-                        best[tree_name] = got
-            out[label] = best
-            names = list(trees)
-            print(f"{label:>40}  " + "  ".join(f"{n} {best[n]['seconds']:.3f} s (err {best[n]['error']:.4f})"
-                                               for n in names)
-                  + f"  -> {best[names[0]]['seconds'] / best[names[1]]['seconds']:.2f}x", flush=True)
+                    runs[tree_name].append(json.loads(text))
+            pairs = zip(runs[names[0]], runs[names[1]], strict=True)
+            ratios = [a["seconds"] / b["seconds"] for a, b in pairs]
+            median = float(np.median(ratios))
+            out[label] = {"runs": runs, "speedup_per_round": ratios, "speedup_median": median}
+            timings = "  ".join(
+                f"{n} {min(r['seconds'] for r in runs[n]):.3f} s (err {runs[n][0]['error']:.4f})"
+                for n in names
+            )
+            spread = f"rounds {min(ratios):.2f}-{max(ratios):.2f}"
+            print(f"{label:>40}  {timings}  -> median {median:.2f}x ({spread})", flush=True)
     return out
 
 
@@ -222,6 +231,7 @@ def main(argv=None) -> None:
     parser.add_argument("--real", action="store_true", help="the real all-MiniLM-L6-v2 block-0 layers")
     parser.add_argument("--repeats", type=int, default=3, help="fits per problem (the fastest counts)")
     parser.add_argument("--against", metavar="REV", help="also time git revision REV's sparsefact")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of old and new for --against")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_dsf.json"))
     args = parser.parse_args(argv)
     if args.real:
@@ -274,9 +284,9 @@ def main(argv=None) -> None:
             subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old), args.against],
                            check=True, capture_output=True)
             try:
-                print(f"\nSame problems, fastest of {args.repeats} fits x 2 rounds, fresh processes:")
+                print(f"\nSame problems, best of {args.repeats} fits, {args.rounds} rounds, new processes:")
                 revisions = {"against": args.against, "rows": time_revisions(
-                    problems, {args.against: str(old), "this tree": str(root)}, args.repeats)}
+                    problems, {args.against: str(old), "this tree": str(root)}, args.repeats, args.rounds)}
             finally:
                 subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(old)],
                                check=False, capture_output=True)

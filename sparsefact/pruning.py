@@ -45,6 +45,7 @@ from ._sklearn_compat import Interval, StrOptions
 from ._validation import to_numpy
 from .admm import admm_loop
 from .backends import get_engine
+from .backends._base import SelectionHint
 from .backends._numpy_kernels import (
     factor_inverse_of_reversed,
     global_topk_mask,
@@ -795,9 +796,12 @@ class ADMMPruning(_SparseWeightCompressor):
             return engine.matmul(inverse, rhs)
 
         # The reference order: n_iter x-steps, then a final z-step (n_iter + 1 z-steps).
+        # One hint for all the re-selecting iterations: each starts from the previous threshold.
+        hint = SelectionHint()
         out, _ = admm_loop(
             engine, solve, cross, y_cur, u, support,
             threshold_index=index_at, rho=self.rho, n_iter=self.n_iter + 1, mask_iter=n_select,
+            hints=[hint] * n_select,
         )
         if fixed is None and _count_nonzero(xp, out) < kept:
             # Ties at the threshold kept fewer than K (constant or boolean W, repeated
