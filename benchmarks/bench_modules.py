@@ -19,7 +19,9 @@ modules' forward for at most ``KERNEL_MAX_ROWS`` input rows) against ``nn.Linear
 modules' torch path (dense layout), MiniLM shapes 1536x384, 384x1536, 384x384, densities 0.2 /
 0.3 / 0.5, batch 1 / 4 / 16, one torch thread; ratios to ``nn.Linear`` from the same round-robin
 run, and the bandwidth achieved (bytes of packed factor data read per forward / time) against a
-256 MB ``numpy.copyto``. Also the fixed cost of a forward through the kernel (an 8x8 layer), the
+256 MB ``numpy.copyto``; at batch 1 also with the weights read from memory (``cold_time_us``:
+each variant cycled over deep copies holding ``COLD_BYTES``, the token-by-token decoding case in
+a model larger than the cache). Also the fixed cost of a forward through the kernel (an 8x8 layer), the
 ``KERNEL_MAX_FILL`` sweep (dense-layout DSF at fill 0.4-0.9), and (part 4, ``model``) the MiniLM
 encoder's latency for one sentence, dense vs DSF 0.5 (kernel on / off) vs magnitude 0.5.
 
@@ -98,6 +100,51 @@ def time_us(fns: dict, repeats: int) -> tuple[dict, dict]:
     med = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
     best = {k: min(v) * 1e6 for k, v in samples.items()}
     return med, best
+
+
+#: Each variant is cycled over copies holding at least this many bytes of weights (> 2x the L3
+#: cache of the machines we run on), so that every call reads its weights from memory.
+COLD_BYTES = 96 << 20
+
+
+def cold_time_us(fns: dict, sizes: dict, samples: int) -> dict:
+    """Median microseconds per call when each call reads its weights from memory, not the cache.
+
+    The batch-1 forward of token-by-token decoding in a model larger than the cache: every layer's
+    weights were evicted by the other layers' since it last ran. ``fns[key]`` is a callable that
+    makes a fresh copy of the variant (``() -> module``); ``sizes[key]`` its bytes of weight data.
+    Each variant is copied until the copies hold :data:`COLD_BYTES`, and a sample runs every copy
+    once, in turn (the code and the interpreter stay hot, only the weights are cold).
+    """
+    copies = {key: [make() for _ in range(max(2, -(-COLD_BYTES // max(sizes[key], 1))))]
+              for key, make in fns.items()}
+    for calls in copies.values():  # warm the code, pack the kernels' factors
+        for call in calls:
+            call()
+    times: dict = {key: [] for key in fns}
+    for _ in range(samples):
+        for key, calls in copies.items():
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            times[key].append((time.perf_counter() - start) / len(calls))
+    return {key: statistics.median(v) * 1e6 for key, v in times.items()}
+
+
+def _copy_makers(modules: dict, x: torch.Tensor) -> dict:
+    """``{key: () -> (() -> forward of a fresh deep copy of the module on x)}``."""
+    def maker(module: nn.Module):
+        def make():
+            clone = copy.deepcopy(module)
+            return lambda: clone(x)
+        return make
+    return {key: maker(module) for key, module in modules.items()}
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors a forward of ``module`` reads (parameters and buffers)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def file_bytes(module: nn.Module) -> int:
@@ -244,6 +291,19 @@ def bench_kernel(fits: dict, repeats: int) -> dict:
                     times, best = time_us(fns, repeats)
                     for key in ("dsf_kernel", "sparse_kernel"):
                         mods[key].kernel = "auto"
+                cold = None
+                if batch == 1:  # weights from memory; the kernels read their packed factors
+                    packed = {"dsf_kernel": dsf_mod._kernel_state[1][0].nbytes,
+                              "sparse_kernel": sp_mod._kernel_state[1][0].nbytes}
+                    sizes = {"linear": int(W.nbytes + b.nbytes),
+                             **{key: packed.get(key, _weight_bytes(mod)) for key, mod in mods.items()}}
+                    for key in packed:
+                        mods[key].kernel = True
+                    with torch.no_grad():  # not inference mode: copies must keep version counters
+                        cold = cold_time_us(_copy_makers({"linear": dense, **mods}, x), sizes,
+                                            max(5, repeats // 4))
+                    for key in packed:
+                        mods[key].kernel = "auto"
                 chain_bytes = {"dsf": dsf_mod._kernel_state[1][0].nbytes,
                                "sparse": sp_mod._kernel_state[1][0].nbytes}
                 row = {
@@ -253,6 +313,9 @@ def bench_kernel(fits: dict, repeats: int) -> dict:
                     "kernel_fill": {"dsf": dsf_mod._kernel_state[1][3], "sparse": sp_mod._kernel_state[1][3]},
                     "auto_takes_kernel": auto, "us": times, "min_us": best,
                     "ratio_to_linear": {k: times[k] / times["linear"] for k in mods},
+                    "cold_us": cold,
+                    "cold_ratio_to_linear": (None if cold is None
+                                             else {k: cold[k] / cold["linear"] for k in mods}),
                     "kernel_bytes": chain_bytes, "linear_bytes": int(W.nbytes + b.nbytes),
                     "GBps": {"linear": (W.nbytes + b.nbytes) / times["linear"] / 1e3,
                              "dsf_kernel": chain_bytes["dsf"] / times["dsf_kernel"] / 1e3,
@@ -379,6 +442,21 @@ def kernel_markdown(kernel: dict, bandwidth: dict) -> str:
         out.append(f"| {r['shape']} | {r['density']} | {r['batch']} | {r['us']['linear']:.0f} | "
                    + " | ".join(cells)
                    + f" | {g['linear']:.1f} / {g['dsf_kernel']:.1f} / {g['sparse_kernel']:.1f} |")
+    cold_rows = [r for r in kernel["rows"] if r.get("cold_us")]
+    if cold_rows:
+        out += ["", "Batch 1 with the weights read from memory (each variant cycled over copies holding "
+                f"{COLD_BYTES >> 20} MB, as in decoding with a model larger than the cache): "
+                "µs (ratio to nn.Linear); GB/s of weight data", "",
+                "| layer | density | nn.Linear µs | DSF kernel | DSF torch | Sparse kernel | Sparse torch "
+                "| GB/s linear / DSF / sparse |", "|---|---|---|---|---|---|---|---|"]
+        for r in cold_rows:
+            c, ratio = r["cold_us"], r["cold_ratio_to_linear"]
+            keys = ("dsf_kernel", "dsf_torch", "sparse_kernel", "sparse_torch")
+            cells = [f"{c[k]:.0f} ({ratio[k]:.2f})" for k in keys]
+            rates = (r["linear_bytes"] / c["linear"] / 1e3, r["kernel_bytes"]["dsf"] / c["dsf_kernel"] / 1e3,
+                     r["kernel_bytes"]["sparse"] / c["sparse_kernel"] / 1e3)
+            out.append(f"| {r['shape']} | {r['density']} | {c['linear']:.0f} | " + " | ".join(cells)
+                       + " | " + " / ".join(f"{v:.1f}" for v in rates) + " |")
     return "\n".join(out)
 
 
