@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from .admm import NORM_EPS, SolverCounters, admm_loop, relative_ridge, sparse_least_squares
+from .backends._base import SelectionHint
 from .dsf import (
     FactorizationResult,
     finalize_if_better,
@@ -51,6 +52,7 @@ def _sylvester_sparse_step(
     mask_iter: int,
     scope: str,
     counters: SolverCounters,
+    hints: list[SelectionHint] | None = None,
 ) -> tuple[Any, Any]:
     """ADMM for ``min tr(Y^T A Y G) - 2 tr(Y^T F)`` with ``||Y||_0`` bounded (normalised coords)."""
     xp = engine.xp
@@ -73,7 +75,7 @@ def _sylvester_sparse_step(
     return admm_loop(
         engine, lambda rhs: solve_with(rhs, rho), cross, y, u, None,
         threshold_index=threshold_index, rho=rho, n_iter=n_iter, mask_iter=mask_iter,
-        scope=scope, counters=counters,
+        scope=scope, counters=counters, hints=hints,
     )
 
 
@@ -145,6 +147,9 @@ def double_sparse_factorization_exact(
             right = square_t / scaling[None, :]
     u_left_t = engine.zeros((k, m), W)
     u_right = engine.zeros((k, n), W)
+    # one per re-selecting ADMM iteration of each step, carried across outer iterations
+    hints_left = [SelectionHint() for _ in range(mask_iter)]
+    hints_right = [SelectionHint() for _ in range(mask_iter)]
     for t in range(max_iter):
         rho0 = warm_start_weight(t, max_iter) if start is None else 1.0
         # L-step: Gram R G R^T, cross R G W^T; unknown L^T (k x m).
@@ -157,7 +162,7 @@ def double_sparse_factorization_exact(
         left_t, u_left_t = sparse_least_squares(
             engine, gram_l, cross_l, xp.sqrt(engine.diag(gram_l)), engine.copy(left.T), u_left_t,
             threshold_index=index_left, rho0=rho0, rho=rho, ridge=ridge, n_iter=admm_iter,
-            mask_iter=mask_iter, scope=scope_left_t, counters=counters,
+            mask_iter=mask_iter, scope=scope_left_t, counters=counters, hints=hints_left,
         )
         left = engine.copy(left_t.T)
         # R-step in coordinates R~ = diag(c) R D.
@@ -175,7 +180,7 @@ def double_sparse_factorization_exact(
         z, u = _sylvester_sparse_step(
             engine, left_gram_n, right_eig, cross_r, z_prev, u_prev,
             threshold_index=index_right, rho0=rho0, rho=rho, ridge=ridge_value, n_iter=admm_iter,
-            mask_iter=mask_iter, scope=scope_right, counters=counters,
+            mask_iter=mask_iter, scope=scope_right, counters=counters, hints=hints_right,
         )
         right = (z / col[:, None]) / scaling[None, :]
         u_right = (u / col[:, None]) / scaling[None, :]
