@@ -171,26 +171,18 @@ def method_params(methods: Iterable[str], max_iter: int | None) -> dict[str, dic
 
 @contextlib.contextmanager
 def thread_limit(threads: int | None) -> Iterator[None]:
-    """Numba, BLAS (and torch, if imported) thread pools limited to ``threads``."""
-    if threads is None:
-        yield
-        return
-    import numba
-    from threadpoolctl import threadpool_limits
+    """:func:`sparsefact.backends.threads.limit_threads`, plus torch's own count when torch is imported.
 
-    torch = sys.modules.get("torch")
-    previous = numba.get_num_threads()
-    previous_torch = torch.get_num_threads() if torch is not None else None
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    if torch is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with threadpool_limits(limits=int(threads)):
-            yield
-    finally:
-        numba.set_num_threads(previous)
-        if torch is not None:
-            torch.set_num_threads(previous_torch)
+    ``limit_threads`` caps Numba and every BLAS/OpenMP pool and restores torch's count on exit;
+    the benchmarks also run torch forwards, so torch is set to ``threads`` inside the block.
+    """
+    from sparsefact.backends.threads import limit_threads
+
+    with limit_threads(threads):
+        torch = sys.modules.get("torch")
+        if threads is not None and torch is not None:
+            torch.set_num_threads(int(threads))
+        yield
 
 
 def fit_one(
