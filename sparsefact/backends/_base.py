@@ -21,6 +21,7 @@ suite checks every engine against the portable one (``tests/test_backends.py``).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,13 +35,12 @@ class SelectionHint:
     DSF selects a threshold over the same sub-problem's magnitudes in every outer iteration,
     and it moves little from one to the next (median 2.5% on a 384x384 layer, at most 18%).
     The CPU engine's ``add_and_select`` (:func:`sparsefact.backends._numba_kernels.add_and_select`)
-    with a hint brackets the previous threshold by ``width`` (relative),
-    counts in one pass (fused with the addition) the magnitudes below the bracket and copies
-    those inside it, and selects among the copies; when the rank falls outside the bracket, or
-    the bracket holds more than :data:`HINT_MAX_SHARE` of the entries, it falls back to the full
-    radix selection. Either way the result is exactly the radix selection's. The width follows
-    the observed moves (:data:`HINT_WIDTH_FACTOR` times the last relative move, within
-    :data:`HINT_WIDTH_RANGE`).
+    with a hint takes :meth:`bracket` around the previous threshold, counts in one pass the
+    magnitudes below it and copies those inside it, and selects among the copies; when the rank
+    falls outside the bracket, or the bracket holds more than :data:`HINT_MAX_SHARE` of the
+    entries, it falls back to the full radix selection. Either way the result is exactly the
+    radix selection's. The width follows the observed moves (:data:`HINT_WIDTH_FACTOR` times
+    the last relative move, within :data:`HINT_WIDTH_RANGE`).
 
     Attributes
     ----------
@@ -56,6 +56,16 @@ class SelectionHint:
     width: float = 0.05
     hits: int = 0
     misses: int = 0
+
+    def bracket(self) -> tuple[float, float] | None:
+        """``(low, high)`` around the last threshold (relative half-width ``width``), or None.
+
+        None when there is no usable previous threshold (none yet, zero or not finite).
+        """
+        tau = self.tau
+        if tau is None or not tau > 0 or not math.isfinite(tau):
+            return None
+        return max(tau * (1.0 - self.width), 0.0), tau * (1.0 + self.width)
 
     def update(self, tau: float, hit: bool) -> None:
         """Record the selected ``tau`` and adapt the width."""

@@ -119,12 +119,10 @@ def _float_key(value: float, dtype) -> int:
     return int(np.array([value], dtype=np.float64).view(np.int64)[0])
 
 
-def _hinted_select(keys, abs_mask, index, hint):
-    """The key at ``index`` by one counting pass around ``hint.tau``, or None if outside the bracket."""
-    dtype = np.float32 if keys.dtype == np.int32 else np.float64
+def _bracketed_select(keys, abs_mask, index, bracket, dtype):
+    """The key at ``index`` by one counting pass over the ``(low, high)`` bracket, or None if outside it."""
     int_type = keys.dtype.type
-    lo_key = _float_key(max(hint.tau * (1.0 - hint.width), 0.0), dtype)
-    hi_key = _float_key(hint.tau * (1.0 + hint.width), dtype)
+    lo_key, hi_key = (_float_key(bound, dtype) for bound in bracket)
     candidates = np.empty(max(int(keys.size * HINT_MAX_SHARE), 1), dtype=keys.dtype)
     below, inside = _count_and_collect(
         keys, int_type(abs_mask), int_type(lo_key), int_type(hi_key), candidates
@@ -147,9 +145,8 @@ def add_and_select(y: np.ndarray, u: np.ndarray, index: int, hint: SelectionHint
     add_inplace(y, u)
     flat = y.reshape(-1)
     keys, abs_mask, total_bits = _key_view(flat)
-    prefix = None
-    if hint is not None and hint.tau is not None and hint.tau > 0 and np.isfinite(hint.tau):
-        prefix = _hinted_select(keys, abs_mask, index, hint)
+    bracket = None if hint is None else hint.bracket()
+    prefix = None if bracket is None else _bracketed_select(keys, abs_mask, index, bracket, flat.dtype)
     hit = prefix is not None
     if not hit:
         prefix = _radix_select(keys, abs_mask, total_bits, index)
