@@ -253,7 +253,6 @@ def keep_diagonal():
     sparsefact.unregister_method(NAME)
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 def test_user_method_through_the_cli_on_a_tiny_model(keep_diagonal, tmp_path):
     from sparsefact.nn_adapters import SparseLinear, load_compressed
 
@@ -363,7 +362,6 @@ def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys, n
     assert "current directory" in _one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 def test_outputs_are_one_set_with_the_umask_modes_and_overwrite_replaces_it(tmp_path):
     out_dir = tmp_path / "out" / "run"
     previous = os.umask(0o027)
@@ -388,7 +386,6 @@ def test_outputs_are_one_set_with_the_umask_modes_and_overwrite_replaces_it(tmp_
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["run"]
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 @pytest.mark.parametrize("when", ["saving the model", "writing the markdown report"])
 def test_interrupted_write_leaves_the_old_set_and_no_temporary_files(tmp_path, monkeypatch, capsys, when):
     import sparsefact.cli as cli
@@ -472,7 +469,6 @@ def test_bad_argument_is_one_line_and_exit_2_before_loading(case, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 def test_checkpoint_dir_is_passed_per_method_and_resumes(tmp_path):
     ck = tmp_path / "ck"
     argv = [a for a in _tiny_argv(tmp_path, tmp_path / "out", "--checkpoint-dir", str(ck),
@@ -507,7 +503,6 @@ def fails_on_wide():
     sparsefact.unregister_method("fails-on-wide")
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 @pytest.mark.filterwarnings("ignore:compress_model. 2 layer:RuntimeWarning")
 def test_failed_layers_exit_1_after_writing_the_outputs(tmp_path, capsys, fails_on_wide):
     out_dir = tmp_path / "out"
@@ -645,7 +640,6 @@ def test_device_cuda_without_gpu_is_exit_2_before_loading(tmp_path, capsys, no_m
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_device_cpu_and_auto_run_and_are_recorded(tmp_path, device):
     out_dir = tmp_path / "out"
@@ -658,7 +652,6 @@ def test_device_cpu_and_auto_run_and_are_recorded(tmp_path, device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a usable CUDA device")
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 def test_device_cuda_compresses_the_tiny_model(tmp_path):  # pragma: no cover - needs a GPU
     out_dir = tmp_path / "out"
     assert _main(_tiny_argv(tmp_path, out_dir, "--device", "cuda")) == 0

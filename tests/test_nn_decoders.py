@@ -26,8 +26,6 @@ from sparsefact.nn_adapters.capture import ActivationCapture, select_layers, tok
 from sparsefact.nn_adapters.compress import find_blocks  # noqa: E402
 from sparsefact.nn_adapters.modules import DoubleSparseLinear, _FactorModule  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
-
 VOCAB = 97
 FAST_DSF = {"max_iter": 2, "finalize_iter": 1, "tol": 0}
 COMMON = {"vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}

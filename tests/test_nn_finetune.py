@@ -22,8 +22,6 @@ from sparsefact.nn_adapters.finetune import (  # noqa: E402
 from sparsefact.nn_adapters.modules import DoubleSparseLinear, _FactorModule  # noqa: E402
 from sparsefact.nn_adapters.perplexity import perplexity  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
-
 FAST_DSF = {"max_iter": 3, "finalize_iter": 2, "tol": 0}
 
 

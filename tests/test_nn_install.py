@@ -44,7 +44,6 @@ from sparsefact.nn_adapters.install import (  # noqa: E402
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
     pytest.mark.filterwarnings(
-        "ignore:Sparse CSR tensor support is in beta:UserWarning",
         "ignore::sklearn.exceptions.ConvergenceWarning",
     ),
 ]

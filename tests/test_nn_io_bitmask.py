@@ -28,13 +28,7 @@ from sparsefact.nn_adapters import (  # noqa: E402
 )
 from sparsefact.nn_adapters.io import FORMAT_VERSION, STORAGES, storage_bytes, tensor_digest  # noqa: E402
 
-pytestmark = [
-    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
-    pytest.mark.filterwarnings(
-        "ignore:Sparse CSR tensor support is in beta:UserWarning",
-        "ignore:Sparse invariant checks:UserWarning",
-    ),
-]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: 1 torch thread, seed 0
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

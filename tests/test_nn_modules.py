@@ -25,8 +25,6 @@ from sparsefact.nn_adapters.modules import CSR_MAX_DENSITY, CSR_MIN_NUMEL  # noq
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
     pytest.mark.filterwarnings(
-        "ignore:Sparse CSR tensor support is in beta:UserWarning",
-        "ignore:Sparse invariant checks:UserWarning",
         "ignore::sklearn.exceptions.ConvergenceWarning",
         "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
     ),

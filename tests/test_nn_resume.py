@@ -29,7 +29,6 @@ from sparsefact import register_method, unregister_method  # noqa: E402
 from sparsefact.checkpoint import CheckpointMismatchError  # noqa: E402
 from sparsefact.nn_adapters import compress_model  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 HERE = Path(__file__).parent
 FAST = {"max_iter": 3, "tol": 0}
 

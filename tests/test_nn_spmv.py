@@ -26,13 +26,7 @@ from sparsefact.nn_adapters import (  # noqa: E402
 )
 from sparsefact.nn_adapters.modules import KERNEL_MAX_FILL, KERNEL_MAX_ROWS  # noqa: E402
 
-pytestmark = [
-    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py: 1 torch thread, seed 0
-    pytest.mark.filterwarnings(
-        "ignore:Sparse CSR tensor support is in beta:UserWarning",
-        "ignore:Sparse invariant checks:UserWarning",
-    ),
-]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: 1 torch thread, seed 0
 
 TOL = {np.float32: 2e-6, np.float64: 1e-12}
 

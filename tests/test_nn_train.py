@@ -16,8 +16,6 @@ from sparsefact.nn_adapters.modules import (  # noqa: E402
     set_trainable,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
-
 
 def _sparse(shape, density=0.4, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

@@ -30,11 +30,6 @@ from sparsefact.nn_adapters import (  # noqa: E402
     save_compressed,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks:UserWarning",
-)
-
 MASKS = (0x01, 0xFF)
 
 
