@@ -171,14 +171,20 @@ def fit_all(shapes: list = SHAPES, densities: list = DENSITIES) -> dict:
     return fits
 
 
+def dense_linear(W: np.ndarray, b: np.ndarray) -> nn.Linear:
+    """The ``nn.Linear`` with weight ``W`` (out x in) and bias ``b``: the dense reference."""
+    dense = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        dense.weight.copy_(torch.from_numpy(W))
+        dense.bias.copy_(torch.from_numpy(b))
+    return dense
+
+
 def bench_layers(fits: dict, repeats: int) -> list[dict]:
     rows = []
     for out_f, in_f in SHAPES:
         W, b = fits[(out_f, in_f, DENSITIES[0])][:2]
-        dense = nn.Linear(in_f, out_f)
-        with torch.no_grad():
-            dense.weight.copy_(torch.from_numpy(W))
-            dense.bias.copy_(torch.from_numpy(b))
+        dense = dense_linear(W, b)
         dense_file = file_bytes(dense)
         for density in DENSITIES:
             _, _, dsf, mp = fits[(out_f, in_f, density)]
@@ -266,10 +272,7 @@ def bench_kernel(fits: dict, repeats: int) -> dict:
     rows = []
     for out_f, in_f in KERNEL_SHAPES:
         W, b = fits[(out_f, in_f, DENSITIES[0])][:2]
-        dense = nn.Linear(in_f, out_f)
-        with torch.no_grad():
-            dense.weight.copy_(torch.from_numpy(W))
-            dense.bias.copy_(torch.from_numpy(b))
+        dense = dense_linear(W, b)
         for density in DENSITIES:
             _, _, dsf, mp = fits[(out_f, in_f, density)]
             dsf_mod = DoubleSparseLinear.from_estimator(dsf, b, layout="dense")
